@@ -1,0 +1,740 @@
+"""The overflow pool: a scheduler hook inside the master that turns backlog into revived instances
+and idle instances back into stopped ones.
+
+Event-driven: build requests, builds and worker connections arrive over Buildbot's message queue;
+each event schedules one decision (coalesced into the next reactor turn), the pure policy says what
+to do, and the pool drives its workers. A periodic reconcile with EC2 is the safety net.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import random
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
+
+from buildbot import config
+from buildbot.config import BuilderConfig
+from buildbot.data import resultspec
+from buildbot.interfaces import LatentWorkerSubstantiatiationCancelled
+from buildbot.util import service
+from buildbot.worker.latent import States
+from twisted.internet import defer
+from twisted.python import log
+
+from buildbot_ec2_hybrid import ec2
+from buildbot_ec2_hybrid import policy
+from buildbot_ec2_hybrid.worker import INSTANCE_ID_RE
+from buildbot_ec2_hybrid.worker import REGION_RE
+from buildbot_ec2_hybrid.worker import VPC_ID_RE
+from buildbot_ec2_hybrid.worker import EC2PoolWorker
+from buildbot_ec2_hybrid.worker import InstanceRefused
+from buildbot_ec2_hybrid.worker import check_instance
+
+_NAME_CHUNK = 200  # filter values per DescribeInstances filter
+#: how long an AZ that answered InsufficientInstanceCapacity is avoided
+UNHEALTHY_AZ_SECONDS = 300.0
+
+# the arguments a pool hands to each of its workers unchanged
+_WORKER_ARGS = (
+    "region",
+    "endpoint_url",
+    "aws_profile",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "hibernate",
+    "boot_timeout",
+    "poll_interval",
+    "check_peer_address",
+)
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return value.timestamp()
+    return float(value)
+
+
+class EC2Pool(service.BuildbotService):
+    """A pool of pre-created EC2 instances that overflow builders spill onto.
+
+    ``workers`` are the instances' EC2 Name tags; they become the Buildbot worker names.
+    """
+
+    secrets = ("aws_secret_access_key",)
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        self._config_ok = True
+        super().__init__(name=name, **kwargs)
+        self.overflow_after = float(kwargs.get("overflow_after", 60))
+        names = kwargs.get("workers") or []
+        self.workers: list[EC2PoolWorker] = []
+        self.workernames: list[str] = []
+        if self._config_ok:
+            instance_ids = kwargs.get("instance_ids") or {}
+            worker_kwargs = dict(kwargs.get("worker_kwargs") or {})
+            passed = {k: kwargs[k] for k in _WORKER_ARGS if k in kwargs}
+            for wname in names:
+                self.workers.append(
+                    EC2PoolWorker(
+                        wname,
+                        kwargs.get("password"),
+                        vpc_id=kwargs["vpc_id"],
+                        pool=self.name,
+                        instance_id=instance_ids.get(wname),
+                        pool_managed=True,
+                        **passed,
+                        **worker_kwargs,
+                    )
+                )
+            self.workernames = list(names)
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def checkConfig(  # type: ignore[override]
+        self,
+        *,
+        region: str | None = None,
+        vpc_id: str | None = None,
+        workers: Sequence[str] | None = None,
+        password: Any = None,
+        overflow_after: float = 60,
+        idle_timeout: float = 3600,
+        max_running: int | None = None,
+        hibernate: bool = False,
+        endpoint_url: str | None = None,
+        aws_profile: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: Any = None,
+        boot_timeout: float = 600,
+        poll_interval: float = 2.0,
+        reconcile_interval: float = 300,
+        check_peer_address: bool = True,
+        instance_ids: dict[str, str] | None = None,
+        worker_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        where = f"EC2Pool {self.name!r}"
+
+        def error(msg: str) -> None:
+            self._config_ok = False
+            config.error(f"{where}: {msg}")
+
+        if not isinstance(region, str) or not REGION_RE.match(region):
+            error(f"region={region!r}: give the AWS region of the pool, e.g. region='us-west-2'")
+        if not isinstance(vpc_id, str) or not VPC_ID_RE.match(vpc_id):
+            error(
+                f"vpc_id={vpc_id!r}: give the id of the pool's private VPC, 'vpc-' followed by "
+                "8 or 17 hex digits; instances outside it are never started"
+            )
+        if isinstance(workers, str) or not isinstance(workers, (list, tuple)) or not workers:
+            error(
+                "workers must be a non-empty list of the instances' EC2 Name tags, e.g. "
+                "workers=[f'linux64-ec2-{i:03d}' for i in range(1, 51)]"
+            )
+        else:
+            seen: set[str] = set()
+            for w in workers:
+                if not isinstance(w, str) or not w:
+                    error(f"workers: {w!r} is not a worker name (an EC2 Name tag string)")
+                elif w in seen:
+                    error(f"workers: {w!r} is listed twice; each instance is one worker")
+                seen.add(w) if isinstance(w, str) else None
+        if password is None:
+            error(
+                "password is missing: give the workers' password as a secret, e.g. "
+                "password=util.Secret('ec2-worker-password')"
+            )
+        _check_seconds(error, "overflow_after", overflow_after, allow_zero=True, most=7 * 86400)
+        _check_seconds(error, "idle_timeout", idle_timeout, allow_zero=False, most=7 * 86400)
+        _check_seconds(error, "boot_timeout", boot_timeout, allow_zero=False, most=86400)
+        _check_seconds(error, "poll_interval", poll_interval, allow_zero=False, most=300)
+        _check_seconds(error, "reconcile_interval", reconcile_interval, allow_zero=False,
+                       most=86400)
+        if max_running is not None and (
+            isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
+        ):
+            error(
+                f"max_running={max_running!r}: give a positive whole number of instances, or "
+                "leave it out to allow the whole pool"
+            )
+        if (aws_access_key_id is None) != (aws_secret_access_key is None):
+            error(
+                "give both aws_access_key_id and aws_secret_access_key, or neither (then boto3's "
+                "credential chain, or aws_profile, is used)"
+            )
+        if instance_ids is not None:
+            if not isinstance(instance_ids, dict):
+                error("instance_ids must map worker names to instance ids")
+            else:
+                for w, iid in instance_ids.items():
+                    if workers and w not in workers:
+                        error(f"instance_ids: {w!r} is not one of the pool's workers")
+                    if not isinstance(iid, str) or not INSTANCE_ID_RE.match(iid):
+                        error(f"instance_ids[{w!r}]={iid!r} is not an instance id ('i-...')")
+
+    @defer.inlineCallbacks
+    def reconfigService(  # type: ignore[override]
+        self,
+        *,
+        region: str,
+        vpc_id: str,
+        workers: Sequence[str],
+        password: Any = None,
+        overflow_after: float = 60,
+        idle_timeout: float = 3600,
+        max_running: int | None = None,
+        hibernate: bool = False,
+        endpoint_url: str | None = None,
+        aws_profile: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: Any = None,
+        boot_timeout: float = 600,
+        poll_interval: float = 2.0,
+        reconcile_interval: float = 300,
+        check_peer_address: bool = True,
+        instance_ids: dict[str, str] | None = None,
+        worker_kwargs: dict[str, Any] | None = None,
+    ):
+        self.vpc_id = vpc_id
+        self.workernames = list(workers)
+        self.overflow_after = float(overflow_after)
+        self.hibernate = hibernate
+        self.reconcile_interval = float(reconcile_interval)
+        self.boot_timeout = float(boot_timeout)
+        self.policy_config = policy.PolicyConfig(
+            overflow_after=float(overflow_after),
+            idle_timeout=float(idle_timeout),
+            max_running=max_running if max_running is not None else len(self.workernames),
+        )
+        self.aws = ec2.AWSSettings(
+            region=region,
+            endpoint_url=endpoint_url,
+            profile=aws_profile,
+            access_key_id=aws_access_key_id,
+            secret_access_key=aws_secret_access_key,
+        )
+        self._poll_interval = poll_interval
+        self._client = None
+        if self.running:
+            self._attach_workers()
+            self.schedule_decision()
+        yield defer.succeed(None)
+
+    # -- builder helpers (used in master.cfg) --------------------------------------------------
+
+    def builder(
+        self,
+        name: str,
+        workernames: Iterable[str] = (),
+        factory: Any = None,
+        overflow: bool = True,
+        **kwargs: Any,
+    ) -> BuilderConfig:
+        """A BuilderConfig whose in-house workers come first and which, when ``overflow`` is
+        true, may spill onto this pool's workers once a request has waited ``overflow_after``."""
+        names = list(workernames)
+        if overflow:
+            clash = sorted(set(names) & set(self.workernames))
+            if clash:
+                config.error(
+                    f"builder {name!r}: {clash} are {self.name} pool workers; list only in-house "
+                    "workers in workernames, overflow=True adds the pool"
+                )
+            names += self.workernames
+            kwargs["nextWorker"] = self.next_worker_chooser(kwargs.get("nextWorker"))
+            kwargs["canStartBuild"] = self.start_gate(kwargs.get("canStartBuild"))
+        return BuilderConfig(name=name, workernames=names, factory=factory, **kwargs)
+
+    def next_worker_chooser(self, user_choice=None):
+        """In-house workers first; among pool workers, the one that built this builder last."""
+        pool_names = frozenset(self.workernames)
+
+        def choose(builder, wfbs, request):
+            inhouse = [w for w in wfbs if w.worker.name not in pool_names]
+            candidates = inhouse
+            if not candidates:
+                warm = [
+                    w for w in wfbs if getattr(w.worker, "last_builder", None) == builder.name
+                ]
+                candidates = warm or list(wfbs)
+            if not candidates:
+                return None
+            if user_choice is not None:
+                return user_choice(builder, candidates, request)
+            return random.choice(candidates)
+
+        choose.pool_name = self.name  # type: ignore[attr-defined]
+        return choose
+
+    def start_gate(self, user_gate=None):
+        """A pool worker takes a request only once it has waited ``overflow_after``."""
+        pool_names = frozenset(self.workernames)
+        overflow_after = self.overflow_after
+
+        def can_start(builder, wfb, request):
+            if wfb.worker.name in pool_names and request.submittedAt is not None:
+                waited = builder.master.reactor.seconds() - request.submittedAt
+                if waited < overflow_after:
+                    return False
+            if user_gate is not None:
+                return user_gate(builder, wfb, request)
+            return True
+
+        can_start.pool_name = self.name  # type: ignore[attr-defined]
+        return can_start
+
+    # -- runtime ------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> ec2.EC2Client:
+        if self._client is None:
+            self._client = ec2.EC2Client.shared(
+                self.aws, self.master.reactor, poll_interval=self._poll_interval
+            )
+        return self._client
+
+    def _log(self, msg: str) -> None:
+        log.msg(f"ec2-hybrid[{self.name}]: {msg}")
+
+    @defer.inlineCallbacks
+    def startService(self):
+        self.demand = policy.Demand()
+        self._requests: dict[int, tuple[str, float]] = {}
+        self._builder_names: dict[int, str] = {}
+        self._instances: dict[str, ec2.InstanceInfo] = {}
+        self.refused: dict[str, str] = {}
+        self._booked: dict[str, str] = {}
+        self._quarantine: dict[str, float] = {}
+        self._failures: collections.Counter[str] = collections.Counter()
+        self._unhealthy_azs: dict[str, float] = {}
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
+        self.degraded: str | None = None
+        self._decision_call = None
+        self._wake_call = None
+        self._reconcile_call = None
+        self._consumers = []
+        self._stopping = False
+        self.decisions = 0
+        yield super().startService()
+        mq = self.master.mq
+        for path, cb in (
+            (("buildrequests", None, None), self._on_buildrequest),
+            (("workers", None, None), self._on_worker_event),
+            (("builds", None, None), self._on_build_event),
+        ):
+            consumer = yield mq.startConsuming(cb, path)
+            self._consumers.append(consumer)
+        # the botmaster and the workers finish their own start-up in this reactor turn
+        self.master.reactor.callLater(0, self._bootstrap)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        self._stopping = True
+        for consumer in self._consumers:
+            consumer.stopConsuming()
+        self._consumers = []
+        for attr in ("_decision_call", "_wake_call", "_reconcile_call"):
+            call = getattr(self, attr, None)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, attr, None)
+        yield super().stopService()
+
+    def _bootstrap(self):
+        d = self._bootstrap_impl()
+        d.addErrback(log.err, f"ec2-hybrid[{self.name}]: start-up failed")
+
+    @defer.inlineCallbacks
+    def _bootstrap_impl(self):
+        self._attach_workers()
+        yield self._load_pending_requests()
+        yield self.reconcile()
+        self._arm_reconcile()
+        self.schedule_decision()
+
+    def _attach_workers(self) -> None:
+        for w in self.live_workers():
+            w.pool = self
+
+    def live_workers(self) -> list[EC2PoolWorker]:
+        """The running worker objects (after a reconfig they are not the config-time objects)."""
+        registry = self.master.workers.workers
+        return [registry[n] for n in self.workernames if n in registry]
+
+    def overflow_builders(self) -> dict[str, Any]:
+        """Builders that may spill onto this pool: those listing any of its workers."""
+        pool = set(self.workernames)
+        return {
+            name: b
+            for name, b in self.master.botmaster.builders.items()
+            if b.config is not None and pool.intersection(b.config.workernames)
+        }
+
+    @defer.inlineCallbacks
+    def _builder_name(self, builderid: int):
+        name = self._builder_names.get(builderid)
+        if name is None:
+            for bname, b in self.master.botmaster.builders.items():
+                bid = yield b.getBuilderId()
+                self._builder_names[bid] = bname
+            name = self._builder_names.get(builderid)
+        return name
+
+    @defer.inlineCallbacks
+    def _load_pending_requests(self):
+        brs = yield self.master.data.get(
+            ("buildrequests",),
+            filters=[
+                resultspec.Filter("claimed", "eq", [False]),
+                resultspec.Filter("complete", "eq", [False]),
+            ],
+        )
+        for br in brs:
+            yield self._track_request(br)
+
+    @defer.inlineCallbacks
+    def _track_request(self, br: dict[str, Any]):
+        brid = br["buildrequestid"]
+        if brid in self._requests:
+            return
+        name = yield self._builder_name(br["builderid"])
+        if name is None or name not in self.overflow_builders():
+            return
+        submitted = _epoch(br["submitted_at"])
+        self._requests[brid] = (name, submitted)
+        self.demand.add(name, submitted)
+
+    def _untrack_request(self, brid: int) -> None:
+        entry = self._requests.pop(brid, None)
+        if entry is not None:
+            self.demand.remove(*entry)
+
+    @defer.inlineCallbacks
+    def _on_buildrequest(self, key, msg):
+        event = key[-1]
+        brid = msg.get("buildrequestid")
+        if brid is None:
+            return
+        if event in ("new", "unclaimed"):
+            if not msg.get("claimed") and not msg.get("complete"):
+                yield self._track_request(msg)
+        elif event in ("claimed", "complete", "canceled", "cancelled"):
+            self._untrack_request(brid)
+        self.schedule_decision()
+
+    def _on_worker_event(self, key, msg):
+        if msg.get("name") in self.workernames or key[-1] in ("connected", "disconnected"):
+            self.schedule_decision()
+
+    def _on_build_event(self, key, msg):
+        if key[-1] in ("new", "finished"):
+            self.schedule_decision()
+
+    def worker_changed(self, worker: EC2PoolWorker) -> None:
+        """Called by pool workers when they connect, disconnect, start or finish a build."""
+        if worker.conn is not None:
+            self._booked.pop(worker.name, None)
+        self.schedule_decision()
+
+    def known_instance(self, name: str) -> ec2.InstanceInfo | None:
+        info = self._instances.get(name) if hasattr(self, "_instances") else None
+        if info is None:
+            return None
+        latest = self.client.latest(info.instance_id)
+        return latest or info
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def schedule_decision(self) -> None:
+        if self._stopping or not self.running or getattr(self, "_decision_call", None):
+            return
+        self._decision_call = self.master.reactor.callLater(0, self._decide)
+
+    def _worker_view(self, w: EC2PoolWorker, builders: frozenset[str], now: float):
+        if w.name in self.refused:
+            phase = policy.Phase.UNUSABLE
+        elif w.state == States.NOT_SUBSTANTIATED:
+            phase = policy.Phase.STOPPED
+        elif w.state in (States.SUBSTANTIATING, States.SUBSTANTIATING_STARTING) and w.conn is None:
+            phase = policy.Phase.BOOTING
+        elif w.state in (States.SUBSTANTIATING_STARTING, States.SUBSTANTIATED) and w.conn:
+            if w.draining:
+                phase = policy.Phase.STOPPING
+            elif w.building:
+                phase = policy.Phase.BUSY
+            else:
+                phase = policy.Phase.IDLE
+        elif w.state == States.SHUT_DOWN:
+            phase = policy.Phase.UNUSABLE
+        else:
+            phase = policy.Phase.STOPPING
+        info = self.known_instance(w.name)
+        return policy.WorkerView(
+            name=w.name,
+            phase=phase,
+            builders=builders,
+            availability_zone=info.availability_zone if info else None,
+            last_builder=w.last_builder,
+            idle_since=w.idle_since if phase is policy.Phase.IDLE else None,
+            booked_for=self._booked.get(w.name),
+            quarantined_until=self._quarantine.get(w.name),
+        )
+
+    def worker_views(self, now: float) -> list[policy.WorkerView]:
+        by_worker: dict[str, set[str]] = collections.defaultdict(set)
+        for bname, b in self.overflow_builders().items():
+            for wname in b.config.workernames:
+                by_worker[wname].add(bname)
+        return [
+            self._worker_view(w, frozenset(by_worker.get(w.name, ())), now)
+            for w in self.live_workers()
+        ]
+
+    def _decide(self) -> None:
+        self._decision_call = None
+        if self._stopping:
+            return
+        now = self.master.reactor.seconds()
+        self._unhealthy_azs = {az: t for az, t in self._unhealthy_azs.items() if t > now}
+        plan = policy.decide(
+            self.demand,
+            self.worker_views(now),
+            self.policy_config,
+            now,
+            unhealthy_azs=self._unhealthy_azs.keys(),
+        )
+        self.decisions += 1
+        workers = {w.name: w for w in self.live_workers()}
+        if plan.revive:
+            self._log(
+                f"reviving {len(plan.revive)} instance(s): "
+                + ", ".join(f"{r.worker} for {r.builder}" for r in plan.revive)
+            )
+        for revival in plan.revive:
+            self._revive(workers[revival.worker], revival.builder, revival.reason)
+        for suspension in plan.suspend:
+            self._suspend(workers[suspension.worker], suspension.reason)
+        if plan.unmet:
+            self._log(
+                "backlog not covered (max_running or no revivable instance): "
+                + ", ".join(f"{b}: {n}" for b, n in sorted(plan.unmet.items()))
+            )
+        self._arm_wake(plan.wake_at, now)
+
+    def _arm_wake(self, wake_at: float | None, now: float) -> None:
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
+        if wake_at is not None:
+            # a hair late so that the request is really eligible when we look again
+            delay = max(0.0, wake_at - now) + 0.01
+            self._wake_call = self.master.reactor.callLater(delay, self.schedule_decision)
+
+    def _record(self, kind: str, worker: str | None, reason: str) -> None:
+        self.events.append(
+            {"time": self.master.reactor.seconds(), "event": kind, "worker": worker,
+             "reason": reason}
+        )
+
+    def _revive(self, worker: EC2PoolWorker, builder: str, reason: str) -> None:
+        self._booked[worker.name] = builder
+        self._record("revive", worker.name, reason)
+        d = worker.substantiate(None, None)
+        d.addCallbacks(
+            self._revived, self._revive_failed, callbackArgs=(worker,), errbackArgs=(worker,)
+        )
+
+    def _revived(self, result, worker: EC2PoolWorker):
+        self._booked.pop(worker.name, None)
+        self._failures.pop(worker.name, None)
+        if self.degraded:
+            self._log("EC2 answers again; pool no longer degraded")
+            self.degraded = None
+        if result:
+            self._record("connected", worker.name, "worker connected")
+            self.master.botmaster.maybeStartBuildsForWorker(worker.name)
+        self.schedule_decision()
+
+    def _revive_failed(self, failure, worker: EC2PoolWorker):
+        self._booked.pop(worker.name, None)
+        if self._stopping:
+            return None
+        now = self.master.reactor.seconds()
+        if failure.check(LatentWorkerSubstantiatiationCancelled):
+            self.schedule_decision()
+            return None
+        if failure.check(InstanceRefused):
+            self.refused[worker.name] = str(failure.value)
+            self._record("refused", worker.name, str(failure.value))
+            self._log(f"worker {worker.name} is unusable: {failure.value}")
+        else:
+            self._failures[worker.name] += 1
+            delay = policy.quarantine_delay(self._failures[worker.name])
+            if failure.check(ec2.Throttled, ec2.Unreachable):
+                # the region, not the instance, is at fault: retry soon, do not blame the
+                # instance for long
+                delay = min(delay, 30.0)
+                self.degraded = f"EC2 {failure.value.kind}: {failure.value}"
+                self._log(f"degraded: {self.degraded}")
+            if failure.check(ec2.InsufficientCapacity):
+                info = self.known_instance(worker.name)
+                if info and info.availability_zone:
+                    self._unhealthy_azs[info.availability_zone] = now + UNHEALTHY_AZ_SECONDS
+            self._quarantine[worker.name] = now + delay
+            self._record(
+                "quarantine", worker.name, f"{failure.getErrorMessage()} (for {delay:.0f}s)"
+            )
+            self._log(
+                f"revival of {worker.name} failed: {failure.getErrorMessage()}; "
+                f"quarantined for {delay:.0f}s"
+            )
+        self.schedule_decision()
+        return None
+
+    def _suspend(self, worker: EC2PoolWorker, reason: str) -> None:
+        if worker.building or worker.draining:
+            return
+        worker.draining = True
+        self._record("suspend", worker.name, reason)
+        self._log(f"suspending {worker.name}: {reason}")
+        d = worker._soft_disconnect()
+
+        def done(result):
+            worker.draining = False
+            self.schedule_decision()
+            return result
+
+        d.addBoth(done)
+        d.addErrback(log.err, f"ec2-hybrid[{self.name}]: while suspending {worker.name}")
+
+    # -- reconcile with EC2 -------------------------------------------------------------------
+
+    def _arm_reconcile(self) -> None:
+        if self._stopping:
+            return
+        self._reconcile_call = self.master.reactor.callLater(
+            self.reconcile_interval, self._periodic_reconcile
+        )
+
+    def _periodic_reconcile(self):
+        d = self.reconcile()
+        d.addErrback(log.err, f"ec2-hybrid[{self.name}]: reconcile failed")
+        d.addBoth(lambda _: self._arm_reconcile())
+
+    @defer.inlineCallbacks
+    def reconcile(self):
+        """Compare the pool's picture with EC2 and correct it.
+
+        Instances of the pool found running with no worker are adopted (the worker waits for its
+        connection; the idle timeout then decides); instances stopped behind our back have their
+        worker dropped so Buildbot retries the build.
+        """
+        names = list(self.workernames)
+        found: list[ec2.InstanceInfo] = []
+        try:
+            for i in range(0, len(names), _NAME_CHUNK):
+                chunk = yield self.client.describe(
+                    filters=[
+                        {"Name": "vpc-id", "Values": [self.vpc_id]},
+                        {"Name": "tag:Name", "Values": names[i : i + _NAME_CHUNK]},
+                    ]
+                )
+                found.extend(chunk)
+        except ec2.EC2Error as e:
+            self.degraded = f"EC2 {e.kind}: {e}"
+            self._log(f"degraded: reconcile could not describe the pool: {e}")
+            return
+        if self.degraded:
+            self._log("EC2 answers again; pool no longer degraded")
+            self.degraded = None
+        by_name: dict[str, list[ec2.InstanceInfo]] = collections.defaultdict(list)
+        for info in found:
+            if info.name:
+                by_name[info.name].append(info)
+        workers = {w.name: w for w in self.live_workers()}
+        for name in names:
+            worker = workers.get(name)
+            if worker is None:
+                continue
+            try:
+                if worker.configured_instance_id:
+                    matches = [
+                        i for i in by_name.get(name, [])
+                        if i.instance_id == worker.configured_instance_id
+                    ]
+                    if not matches:
+                        matches = yield self.client.describe(
+                            instance_ids=[worker.configured_instance_id]
+                        )
+                else:
+                    matches = by_name.get(name, [])
+                info = worker.pick_instance(matches)
+                check_instance(info, worker=name, vpc_id=self.vpc_id, pool=self.name)
+            except InstanceRefused as e:
+                if self.refused.get(name) != str(e):
+                    self._log(f"worker {name} is unusable: {e}")
+                    self._record("refused", name, str(e))
+                self.refused[name] = str(e)
+                self._instances.pop(name, None)
+                continue
+            except ec2.EC2Error as e:
+                self._log(f"could not look up {name}: {e}")
+                continue
+            self.refused.pop(name, None)
+            self._instances[name] = info
+            self._reconcile_worker(worker, info)
+        self.schedule_decision()
+
+    def _reconcile_worker(self, worker: EC2PoolWorker, info: ec2.InstanceInfo) -> None:
+        if info.state in ("pending", "running") and worker.state == States.NOT_SUBSTANTIATED:
+            if self._quarantine.get(worker.name, 0) > self.master.reactor.seconds():
+                return
+            self._log(f"instance {info.instance_id} of {worker.name} is {info.state} with no "
+                      "worker: adopting it")
+            self._record("adopt", worker.name, f"found {info.state} at reconcile")
+            d = worker.substantiate(None, None)
+            d.addCallbacks(
+                self._revived, self._revive_failed, callbackArgs=(worker,), errbackArgs=(worker,)
+            )
+        elif info.state in ("stopping", "stopped") and worker.state == States.SUBSTANTIATED:
+            self._log(
+                f"instance {info.instance_id} of {worker.name} is {info.state} behind our back: "
+                "dropping its worker so Buildbot retries its builds"
+            )
+            self._record("lost", worker.name, f"instance {info.state} outside the pool's control")
+            if worker.conn is not None:
+                worker.conn.loseConnection()
+            else:
+                worker._deferwaiter.add(worker.insubstantiate())
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = self.master.reactor.seconds()
+        views = {v.name: v for v in self.worker_views(now)}
+        return {
+            "pool": self.name,
+            "degraded": self.degraded,
+            "decisions": self.decisions,
+            "backlog": {b: self.demand.count(b) for b in sorted(self.demand.builders())},
+            "workers": [
+                dict(w.describe_state(), phase=views[w.name].phase.value,
+                     refused=self.refused.get(w.name),
+                     quarantined_until=self._quarantine.get(w.name))
+                for w in self.live_workers()
+            ],
+            "events": list(self.events)[-50:],
+        }
+
+
+def _check_seconds(error, field: str, value: Any, *, allow_zero: bool, most: float) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and (value < 0 or (value == 0 and not allow_zero) or value > most):
+        ok = False
+    if not ok:
+        low = "0 or more" if allow_zero else "more than 0"
+        error(f"{field}={value!r}: give a number of seconds, {low} and at most {most:.0f}")

@@ -1,0 +1,436 @@
+"""The latent worker for one pre-created EC2 instance: revive it, suspend it, nothing else.
+
+``start_instance`` revives the instance (StartInstances), ``stop_instance`` suspends it
+(StopInstances, with Hibernate where the instance supports it and it was asked for). The worker
+never creates or terminates instances and refuses to touch one that is outside its VPC, has a
+public IPv4 address, lacks the pool tag, or whose Name is ambiguous.
+
+Used on its own, it behaves like any Buildbot latent worker (a build request binds it and waits for
+the boot). Managed by an :class:`~buildbot_ec2_hybrid.pool.EC2Pool`, it never binds a request while
+cold: only the pool revives it, and the first free worker takes the request.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import TYPE_CHECKING
+from typing import Any
+
+from buildbot import config
+from buildbot.interfaces import LatentWorkerFailedToSubstantiate
+from buildbot.worker.latent import AbstractLatentWorker
+from buildbot.worker.latent import States
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.python import log
+
+from buildbot_ec2_hybrid import ec2
+
+if TYPE_CHECKING:
+    from buildbot_ec2_hybrid.pool import EC2Pool
+
+POOL_TAG = "buildbot-ec2-hybrid:pool"
+MASTER_TAG = "buildbot-ec2-hybrid:master"
+
+VPC_ID_RE = re.compile(r"^vpc-[0-9a-f]{8}([0-9a-f]{9})?$")
+INSTANCE_ID_RE = re.compile(r"^i-[0-9a-f]{8}([0-9a-f]{9})?$")
+REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
+
+#: states from which an instance can be revived, adopted or waited out
+_LIVE_STATES = {"pending", "running"}
+_GONE_STATES = {"shutting-down", "terminated"}
+
+DEFAULT_BOOT_TIMEOUT = 600.0
+
+
+class InstanceRefused(LatentWorkerFailedToSubstantiate):
+    """The instance behind a worker may not be touched; the message says why and what to do."""
+
+    def __init__(self, worker: str, instance_id: str | None, reason: str) -> None:
+        self.worker = worker
+        self.instance_id = instance_id
+        self.reason = reason
+        super().__init__(worker, reason)
+
+    def __str__(self) -> str:
+        where = f" (instance {self.instance_id})" if self.instance_id else ""
+        return f"worker {self.worker}{where} refused: {self.reason}"
+
+
+def check_instance(
+    info: ec2.InstanceInfo, *, worker: str, vpc_id: str, pool: str | None, pool_tag: str = POOL_TAG
+) -> None:
+    """Raise InstanceRefused unless the plugin may start and stop this instance."""
+    iid = info.instance_id
+    if info.vpc_id != vpc_id:
+        raise InstanceRefused(
+            worker, iid, f"it is in VPC {info.vpc_id or '(none)'}, not in the pool's VPC {vpc_id}"
+        )
+    if info.public_ip:
+        raise InstanceRefused(
+            worker,
+            iid,
+            f"it has the public IPv4 address {info.public_ip}; pool instances must live in a "
+            "private subnet reachable only over the VPN",
+        )
+    if pool is not None and info.tags.get(pool_tag) != pool:
+        found = info.tags.get(pool_tag)
+        have = f"its {pool_tag} tag is {found!r}" if found is not None else f"it has no {pool_tag}"
+        raise InstanceRefused(
+            worker, iid, f"{have}; tag it {pool_tag}={pool} to put it in the pool"
+        )
+    if info.state in _GONE_STATES:
+        raise InstanceRefused(
+            worker, iid, f"it is {info.state}; the plugin never creates instances"
+        )
+
+
+class EC2PoolWorker(AbstractLatentWorker):
+    """A latent worker backed by one existing EC2 instance, found by its Name tag (or id)."""
+
+    # secrets in kwargs that BuildbotService renders
+    secrets = ("aws_secret_access_key",)
+
+    pool: EC2Pool | None = None
+    instance: ec2.InstanceInfo | None = None
+
+    def checkConfig(  # type: ignore[override]
+        self,
+        name: str,
+        password: Any,
+        *,
+        vpc_id: str,
+        region: str,
+        pool: str | None = None,
+        instance_id: str | None = None,
+        endpoint_url: str | None = None,
+        aws_profile: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: Any = None,
+        hibernate: bool = False,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        poll_interval: float = 2.0,
+        check_peer_address: bool = True,
+        pool_managed: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        where = f"EC2PoolWorker {name!r}"
+        if password is None:
+            config.error(f"{where}: password is required (use util.Secret('...'))")
+        if not isinstance(vpc_id, str) or not VPC_ID_RE.match(vpc_id):
+            config.error(
+                f"{where}: vpc_id={vpc_id!r} is not a VPC id; give the pool's VPC as 'vpc-' "
+                "followed by 8 or 17 hex digits"
+            )
+        if not isinstance(region, str) or not REGION_RE.match(region):
+            config.error(f"{where}: region={region!r} is not an AWS region name like 'us-west-2'")
+        if instance_id is not None and (
+            not isinstance(instance_id, str) or not INSTANCE_ID_RE.match(instance_id)
+        ):
+            config.error(f"{where}: instance_id={instance_id!r} is not an instance id ('i-...')")
+        if not isinstance(boot_timeout, (int, float)) or boot_timeout <= 0:
+            config.error(f"{where}: boot_timeout must be a positive number of seconds")
+        if not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
+            config.error(f"{where}: poll_interval must be a positive number of seconds")
+        if (aws_access_key_id is None) != (aws_secret_access_key is None):
+            config.error(
+                f"{where}: give both aws_access_key_id and aws_secret_access_key, or neither "
+                "(then boto3's usual credential chain or aws_profile is used)"
+            )
+        kwargs.setdefault("missing_timeout", boot_timeout)
+        super().checkConfig(name, password, **kwargs)
+
+    @defer.inlineCallbacks
+    def reconfigService(  # type: ignore[override]
+        self,
+        name: str,
+        password: Any,
+        *,
+        vpc_id: str,
+        region: str,
+        pool: str | None = None,
+        instance_id: str | None = None,
+        endpoint_url: str | None = None,
+        aws_profile: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: Any = None,
+        hibernate: bool = False,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        poll_interval: float = 2.0,
+        check_peer_address: bool = True,
+        pool_managed: bool = False,
+        **kwargs: Any,
+    ):
+        self.vpc_id = vpc_id
+        self.pool_name = pool
+        self.configured_instance_id = instance_id
+        self.hibernate = hibernate
+        self.boot_timeout = boot_timeout
+        self.check_peer_address = check_peer_address
+        self.pool_managed = pool_managed
+        self.aws = ec2.AWSSettings(
+            region=region,
+            endpoint_url=endpoint_url,
+            profile=aws_profile,
+            access_key_id=aws_access_key_id,
+            secret_access_key=aws_secret_access_key,
+        )
+        self._poll_interval = poll_interval
+        self._client: ec2.EC2Client | None = None
+        if pool_managed:
+            # The pool owns idle stops; Buildbot's own timer only arms after a build and would
+            # fight the pool's decisions.
+            kwargs["build_wait_timeout"] = 10 * 365 * 24 * 3600
+        kwargs.setdefault("missing_timeout", boot_timeout)
+        #: time the worker last became idle (connected with no build), for the pool's policy
+        self.idle_since: float | None = None
+        #: builder the worker last ran a build for (warm disk)
+        self.last_builder: str | None = None
+        #: set by the pool while it suspends the worker so no build starts under the stop
+        self.draining = False
+        #: set while start_instance found the instance already running (adopted, not started)
+        self.adopted = False
+        res = yield super().reconfigService(name, password, **kwargs)
+        return res
+
+    # -- AWS plumbing -------------------------------------------------------------------------
+
+    @property
+    def client(self) -> ec2.EC2Client:
+        if self._client is None:
+            self._client = ec2.EC2Client.shared(
+                self.aws, self.master.reactor, poll_interval=self._poll_interval
+            )
+        return self._client
+
+    def _log(self, msg: str) -> None:
+        prefix = f"ec2-hybrid[{self.pool_name}]" if self.pool_name else "ec2-hybrid"
+        log.msg(f"{prefix}: worker {self.name}: {msg}")
+
+    @defer.inlineCallbacks
+    def resolve_instance(self, fresh: bool = True):
+        """Find and vet this worker's instance; raise InstanceRefused if it may not be used."""
+        info = None
+        if not fresh and self.pool is not None:
+            info = self.pool.known_instance(self.name)
+        if info is None:
+            if self.configured_instance_id:
+                found = yield self.client.describe(instance_ids=[self.configured_instance_id])
+            else:
+                found = yield self.client.describe(
+                    filters=[
+                        {"Name": "tag:Name", "Values": [self.name]},
+                        {"Name": "vpc-id", "Values": [self.vpc_id]},
+                    ]
+                )
+            info = self.pick_instance(found)
+        check_instance(info, worker=self.name, vpc_id=self.vpc_id, pool=self.pool_name)
+        self.instance = info
+        return info
+
+    def pick_instance(self, found: list[ec2.InstanceInfo]) -> ec2.InstanceInfo:
+        candidates = [i for i in found if i.state not in _GONE_STATES] or list(found)
+        if not candidates:
+            raise InstanceRefused(
+                self.name,
+                self.configured_instance_id,
+                f"no instance named {self.name!r} in VPC {self.vpc_id}; create the instance "
+                f"with Name={self.name} (the plugin never creates instances)",
+            )
+        if len(candidates) > 1:
+            ids = ", ".join(sorted(i.instance_id for i in candidates))
+            raise InstanceRefused(
+                self.name,
+                None,
+                f"the Name {self.name!r} matches {len(candidates)} instances ({ids}); "
+                "give each pool instance a unique Name or set instance_id",
+            )
+        return candidates[0]
+
+    # -- latent worker interface ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def start_instance(self, build):
+        self.adopted = False
+        info = yield self.resolve_instance(fresh=self.pool is None)
+        iid = info.instance_id
+        if info.state == "stopping":
+            self._log(f"instance {iid} is stopping; waiting for it to stop before reviving it")
+            info = yield self.client.wait_for_state(iid, {"stopped"}, self.boot_timeout)
+        if info.state in _LIVE_STATES:
+            self.adopted = True
+            self._log(f"adopting instance {iid}, already {info.state}")
+        else:
+            self._log(f"reviving instance {iid} ({info.instance_type}, {info.availability_zone})")
+            try:
+                yield self.client.start_instance(iid)
+            except ec2.IncorrectState:
+                # it moved under us (another actor stopped it, or it is still stopping): look
+                # again, wait it out, and try once more
+                info = yield self.resolve_instance(fresh=True)
+                if info.state == "stopping":
+                    yield self.client.wait_for_state(iid, {"stopped"}, self.boot_timeout)
+                if info.state not in _LIVE_STATES:
+                    yield self.client.start_instance(iid)
+        info = yield self.client.wait_for_state(iid, {"running"}, self.boot_timeout)
+        self.instance = info
+        self._log(f"instance {iid} is running at {info.private_ip}; waiting for the worker")
+        return True
+
+    @defer.inlineCallbacks
+    def stop_instance(self, fast=False):
+        info = self.instance
+        if info is None:
+            return True
+        iid = info.instance_id
+        hibernate = bool(self.hibernate and info.hibernation_configured)
+        verb = "hibernating" if hibernate else "stopping"
+        self._log(f"{verb} instance {iid}")
+        try:
+            yield self.client.stop_instance(iid, hibernate=hibernate)
+        except ec2.IncorrectState:
+            current = yield self.client.describe(instance_ids=[iid])
+            state = current[0].state if current else "unknown"
+            if state == "pending":
+                # AWS refuses to stop a pending instance: wait for it to run, then stop it
+                yield self.client.wait_for_state(iid, {"running"}, self.boot_timeout)
+                yield self.client.stop_instance(iid, hibernate=False)
+            elif state not in ("stopping", "stopped"):
+                raise
+        except ec2.EC2Error as e:
+            if not hibernate or e.kind != "incorrect_state":
+                raise
+        if not fast:
+            yield self.client.wait_for_state(iid, {"stopped"}, self.boot_timeout)
+            self._log(f"instance {iid} is stopped")
+        return True
+
+    def check_instance(self):
+        # called while waiting for the worker to connect: an instance that stopped again (an
+        # interruption, someone else's stop) will never connect, so fail the substantiation now
+        if self.instance is None:
+            return (True, "")
+        latest = self.client.latest(self.instance.instance_id)
+        if latest is not None and latest.state not in _LIVE_STATES:
+            return (False, f"instance {latest.instance_id} is {latest.state}")
+        return (True, "")
+
+    # -- connections --------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def attached(self, conn):
+        # Stock latent workers reject an unexpected connection with a RuntimeError that makes the
+        # remote worker stop its reactor; UnauthorizedLogin makes it retry later instead, which is
+        # what an instance the pool will adopt in a moment needs.
+        if self.state != States.SUBSTANTIATING_STARTING:
+            self._log(f"connection refused: not reviving or adopting it (state {self.state.name})")
+            raise UnauthorizedLogin()
+        if self.check_peer_address and self.instance is not None and self.instance.private_ip:
+            peer = _peer_host(conn)
+            if peer is not None and peer != self.instance.private_ip:
+                self._log(
+                    f"connection from {peer} refused: instance {self.instance.instance_id} "
+                    f"has private IP {self.instance.private_ip}"
+                )
+                raise UnauthorizedLogin()
+        yield super().attached(conn)
+        if self.conn is None:
+            return
+        self.idle_since = self.master.reactor.seconds()
+        yield self._publish_instance_info(conn)
+        if self.pool is not None:
+            self.pool.worker_changed(self)
+
+    @defer.inlineCallbacks
+    def _publish_instance_info(self, conn):
+        info = self.instance
+        if info is None or self.workerid is None:
+            return
+        workerinfo = {
+            "admin": conn.info.get("admin"),
+            "host": conn.info.get("host"),
+            "access_uri": conn.info.get("access_uri"),
+            "version": conn.info.get("version"),
+            "ec2_instance_id": info.instance_id,
+            "ec2_instance_type": info.instance_type,
+            "ec2_availability_zone": info.availability_zone,
+            "ec2_private_ip": info.private_ip,
+            "ec2_pool": self.pool_name,
+            "ec2_adopted": self.adopted,
+        }
+        for key in ("ec2_instance_id", "ec2_instance_type", "ec2_availability_zone"):
+            self.info.setProperty(key, workerinfo[key], "EC2")
+        yield self.master.data.updates.workerConnected(
+            workerid=self.workerid, masterid=self.master.masterid, workerinfo=workerinfo
+        )
+
+    @defer.inlineCallbacks
+    def detached(self):
+        was_substantiated = self.state == States.SUBSTANTIATED
+        yield super().detached()
+        self.idle_since = None
+        if self.pool_managed and was_substantiated and not self.draining:
+            # The worker went away on its own (instance stopped behind our back, crash, network):
+            # bring the latent state back to NOT_SUBSTANTIATED so it can be revived again, and
+            # make sure the instance is not left running without a worker.
+            self._log("worker disconnected unexpectedly; resetting so it can be revived")
+            self._deferwaiter.add(self.insubstantiate())
+        if self.pool is not None:
+            self.pool.worker_changed(self)
+
+    def canStartBuild(self):
+        if self.pool_managed:
+            # Cold or booting pool workers must not be chosen by the build request distributor:
+            # the request would be bound to an instance that is still booting.
+            if self.conn is None or self.draining:
+                return False
+            if self.state not in (States.SUBSTANTIATED, States.SUBSTANTIATING_STARTING):
+                return False
+        return super().canStartBuild()
+
+    def buildStarted(self, wfb):
+        self.idle_since = None
+        self.last_builder = wfb.builder_name
+        super().buildStarted(wfb)
+        if self.pool is not None:
+            self.pool.worker_changed(self)
+
+    def buildFinished(self, wfb):
+        super().buildFinished(wfb)
+        if not self.building:
+            self.idle_since = self.master.reactor.seconds()
+        if self.pool is not None:
+            self.pool.worker_changed(self)
+
+    @property
+    def is_idle(self) -> bool:
+        return self.conn is not None and not self.building
+
+    def describe_state(self) -> dict[str, Any]:
+        """A snapshot for status output and the pool page."""
+        info = self.instance
+        return {
+            "name": self.name,
+            "latent_state": self.state.name,
+            "connected": self.conn is not None,
+            "building": len(self.building),
+            "instance_id": info.instance_id if info else None,
+            "instance_state": info.state if info else None,
+            "availability_zone": info.availability_zone if info else None,
+            "idle_since": self.idle_since,
+            "last_builder": self.last_builder,
+            "wall_time": time.time(),
+        }
+
+
+def _peer_host(conn) -> str | None:
+    try:
+        peer = conn.get_peer()
+    except Exception:
+        return None
+    # "127.0.0.1:54321" or "IPv4Address(...)" depending on the protocol
+    if isinstance(peer, str):
+        host = peer.rsplit(":", 1)[0]
+        return host.strip("[]")
+    return getattr(peer, "host", None)
