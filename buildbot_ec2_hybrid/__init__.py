@@ -20,13 +20,15 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     # Lazy so that `import buildbot_ec2_hybrid.policy` (simulator, benchmarks) does not pull in
-    # the whole of Buildbot.
-    if name == "EC2Pool":
-        from buildbot_ec2_hybrid.pool import EC2Pool
-
-        return EC2Pool
-    if name == "EC2PoolWorker":
-        from buildbot_ec2_hybrid.worker import EC2PoolWorker
-
-        return EC2PoolWorker
-    raise AttributeError(name)
+    # the whole of Buildbot. An AttributeError raised while importing would be reported by Python
+    # as "cannot import name": surface it as the import failure it is.
+    if name not in ("EC2Pool", "EC2PoolWorker"):
+        raise AttributeError(name)
+    try:
+        if name == "EC2Pool":
+            from buildbot_ec2_hybrid.pool import EC2Pool as found
+        else:
+            from buildbot_ec2_hybrid.worker import EC2PoolWorker as found
+    except AttributeError as e:
+        raise ImportError(f"buildbot_ec2_hybrid.{name} failed to import: {e}") from e
+    return found

@@ -142,6 +142,7 @@ def decide(
     config: PolicyConfig,
     now: float,
     unhealthy_azs: Iterable[str] = (),
+    inhouse_free: Mapping[str, int] | None = None,
 ) -> Plan:
     """What to revive and what to suspend right now.
 
@@ -149,6 +150,9 @@ def decide(
     workers already idle or booting for it, within ``max_running``. Builders whose oldest eligible
     request has waited longest are served first when the cap bites. Suspend workers idle for
     ``idle_timeout`` whose builders have no pending request at all.
+
+    ``inhouse_free`` counts, per builder, in-house workers that are free right now: Buildbot is
+    about to hand them requests, so they cover that much of the backlog (in-house goes first).
     """
     plan = Plan()
     unhealthy = frozenset(unhealthy_azs)
@@ -156,9 +160,10 @@ def decide(
 
     need: dict[str, int] = {}
     wake_at: float | None = None
+    free = inhouse_free or {}
     for builder in demand.builders():
-        eligible = demand.eligible(builder, now, overflow_after)
-        if eligible:
+        eligible = demand.eligible(builder, now, overflow_after) - free.get(builder, 0)
+        if eligible > 0:
             need[builder] = eligible
         wake_at = _earliest(wake_at, demand.next_eligible_at(builder, now, overflow_after))
 

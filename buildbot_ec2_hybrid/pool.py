@@ -484,6 +484,19 @@ class EC2Pool(service.BuildbotService):
             quarantined_until=self._quarantine.get(w.name),
         )
 
+    def inhouse_free(self) -> dict[str, int]:
+        """Per overflow builder, in-house workers free to take a request right now."""
+        pool = set(self.workernames)
+        free = {}
+        for name, builder in self.overflow_builders().items():
+            n = sum(
+                1 for wfb in builder.workers
+                if wfb.worker is not None and wfb.worker.name not in pool and wfb.isAvailable()
+            )
+            if n:
+                free[name] = n
+        return free
+
     def worker_views(self, now: float) -> list[policy.WorkerView]:
         by_worker: dict[str, set[str]] = collections.defaultdict(set)
         for bname, b in self.overflow_builders().items():
@@ -506,6 +519,7 @@ class EC2Pool(service.BuildbotService):
             self.policy_config,
             now,
             unhealthy_azs=self._unhealthy_azs.keys(),
+            inhouse_free=self.inhouse_free(),
         )
         self.decisions += 1
         workers = {w.name: w for w in self.live_workers()}
@@ -638,10 +652,7 @@ class EC2Pool(service.BuildbotService):
         try:
             for i in range(0, len(names), _NAME_CHUNK):
                 chunk = yield self.client.describe(
-                    filters=[
-                        {"Name": "vpc-id", "Values": [self.vpc_id]},
-                        {"Name": "tag:Name", "Values": names[i : i + _NAME_CHUNK]},
-                    ]
+                    filters=[{"Name": "tag:Name", "Values": names[i : i + _NAME_CHUNK]}]
                 )
                 found.extend(chunk)
         except ec2.EC2Error as e:

@@ -218,11 +218,10 @@ class EC2PoolWorker(AbstractLatentWorker):
             if self.configured_instance_id:
                 found = yield self.client.describe(instance_ids=[self.configured_instance_id])
             else:
+                # by Name across the region, not only in the VPC: an instance that sits in the
+                # wrong VPC is then refused with that reason rather than "not found"
                 found = yield self.client.describe(
-                    filters=[
-                        {"Name": "tag:Name", "Values": [self.name]},
-                        {"Name": "vpc-id", "Values": [self.vpc_id]},
-                    ]
+                    filters=[{"Name": "tag:Name", "Values": [self.name]}]
                 )
             info = self.pick_instance(found)
         check_instance(info, worker=self.name, vpc_id=self.vpc_id, pool=self.pool_name)
@@ -231,12 +230,15 @@ class EC2PoolWorker(AbstractLatentWorker):
 
     def pick_instance(self, found: list[ec2.InstanceInfo]) -> ec2.InstanceInfo:
         candidates = [i for i in found if i.state not in _GONE_STATES] or list(found)
+        in_vpc = [i for i in candidates if i.vpc_id == self.vpc_id]
+        if in_vpc:
+            candidates = in_vpc
         if not candidates:
             raise InstanceRefused(
                 self.name,
                 self.configured_instance_id,
-                f"no instance named {self.name!r} in VPC {self.vpc_id}; create the instance "
-                f"with Name={self.name} (the plugin never creates instances)",
+                f"no instance named {self.name!r}; create the instance in VPC {self.vpc_id} "
+                f"with the tag Name={self.name} (the plugin never creates instances)",
             )
         if len(candidates) > 1:
             ids = ", ".join(sorted(i.instance_id for i in candidates))

@@ -142,3 +142,14 @@ def test_quarantine_grows_and_caps():
     assert quarantine_delay(2) == 120
     assert quarantine_delay(3) == 240
     assert quarantine_delay(50) == 3600
+
+
+def test_free_inhouse_workers_cover_backlog_first():
+    demand = Demand({"b2g": [0, 1, 2]})
+    workers = [stopped(f"s{i}") for i in range(5)]
+    plan = decide(demand, workers, PolicyConfig(overflow_after=0), now=10,
+                  inhouse_free={"b2g": 2})
+    assert len(plan.revive) == 1
+    plan = decide(demand, workers, PolicyConfig(overflow_after=0), now=10,
+                  inhouse_free={"b2g": 5})
+    assert plan.revive == []

@@ -1,0 +1,78 @@
+"""Shared fixtures: a whole sandbox farm per test (or per module), checked for safety on the way
+out. Every integration test goes through :func:`_finish_lab`, so the rule "the plugin never calls
+RunInstances or TerminateInstances, and never touches an instance that is not a tagged pool
+instance in its VPC" is asserted for the whole suite in one place."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# boto3 in the test process and in every child process must never reach real AWS or the
+# instance metadata service.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-west-2")
+for _proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    os.environ.pop(_proxy, None)
+os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+
+
+def _finish_lab(lab, *, check_leaks: bool = True) -> None:
+    from buildbot_ec2_hybrid.sandbox.farm import wait_for
+
+    problems = lab.forbidden_calls() if lab.region is not None else []
+    leaked: list[str] = []
+    try:
+        if lab.master is not None and lab.master.running:
+            lab.master.stop()
+        if check_leaks and lab.region is not None:
+            # a clean master shutdown suspends every pool instance it had revived
+            try:
+                wait_for(lambda: not lab.running_instances(), 30, what="pool instances stopped")
+            except TimeoutError:
+                leaked = lab.running_instances()
+    finally:
+        if lab.master is not None:
+            tail = "\n".join(lab.master.log_text().splitlines()[-60:])
+            print(f"--- master log tail ({lab.master.basedir}) ---\n{tail}")
+        lab.stop()
+    assert not problems, f"forbidden EC2 calls: {problems}"
+    assert not leaked, f"pool instances left running after the master stopped: {leaked}"
+
+
+@pytest.fixture
+def make_lab(tmp_path):
+    from buildbot_ec2_hybrid.sandbox.lab import LabSpec
+    from buildbot_ec2_hybrid.sandbox.lab import SandboxLab
+
+    labs = []
+
+    def make(spec: LabSpec | None = None, **kwargs):
+        lab = SandboxLab(tmp_path / f"lab{len(labs)}", spec or LabSpec(**kwargs))
+        labs.append(lab)
+        lab.start()
+        return lab
+
+    yield make
+    for lab in labs:
+        _finish_lab(lab)
+
+
+@pytest.fixture(scope="module")
+def make_module_lab(tmp_path_factory):
+    from buildbot_ec2_hybrid.sandbox.lab import SandboxLab
+
+    labs = []
+
+    def make(spec):
+        lab = SandboxLab(tmp_path_factory.mktemp("lab"), spec)
+        labs.append(lab)
+        lab.start()
+        return lab
+
+    yield make
+    for lab in labs:
+        _finish_lab(lab)
