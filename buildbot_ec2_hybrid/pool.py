@@ -26,6 +26,7 @@ from twisted.python import log
 
 from buildbot_ec2_hybrid import ec2
 from buildbot_ec2_hybrid import policy
+from buildbot_ec2_hybrid.worker import BATCH_WINDOW
 from buildbot_ec2_hybrid.worker import INSTANCE_ID_RE
 from buildbot_ec2_hybrid.worker import REGION_RE
 from buildbot_ec2_hybrid.worker import VPC_ID_RE
@@ -293,7 +294,10 @@ class EC2Pool(service.BuildbotService):
     def client(self) -> ec2.EC2Client:
         if self._client is None:
             self._client = ec2.EC2Client.shared(
-                self.aws, self.master.reactor, poll_interval=self._poll_interval
+                self.aws,
+                self.master.reactor,
+                poll_interval=self._poll_interval,
+                batch_window=BATCH_WINDOW,
             )
         return self._client
 

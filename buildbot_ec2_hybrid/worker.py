@@ -42,6 +42,8 @@ _LIVE_STATES = {"pending", "running"}
 _GONE_STATES = {"shutting-down", "terminated"}
 
 DEFAULT_BOOT_TIMEOUT = 600.0
+#: starts and stops asked for within this many seconds go out in one EC2 call
+BATCH_WINDOW = 0.05
 
 
 class InstanceRefused(LatentWorkerFailedToSubstantiate):
@@ -200,7 +202,10 @@ class EC2PoolWorker(AbstractLatentWorker):
     def client(self) -> ec2.EC2Client:
         if self._client is None:
             self._client = ec2.EC2Client.shared(
-                self.aws, self.master.reactor, poll_interval=self._poll_interval
+                self.aws,
+                self.master.reactor,
+                poll_interval=self._poll_interval,
+                batch_window=BATCH_WINDOW,
             )
         return self._client
 
