@@ -753,3 +753,10 @@ def _check_seconds(error, field: str, value: Any, *, allow_zero: bool, most: flo
     if not ok:
         low = "0 or more" if allow_zero else "more than 0"
         error(f"{field}={value!r}: give a number of seconds, {low} and at most {most:.0f}")
+
+
+def pools_of(master) -> list[EC2Pool]:
+    """The EC2Pool services running in ``master`` (for the web page and the status command)."""
+    manager = getattr(master, "service_manager", None)
+    services = getattr(manager, "namedServices", {}) if manager is not None else {}
+    return [s for s in services.values() if isinstance(s, EC2Pool)]
