@@ -78,6 +78,8 @@ class EC2Pool(service.BuildbotService):
         if self._config_ok:
             instance_ids = kwargs.get("instance_ids") or {}
             worker_kwargs = dict(kwargs.get("worker_kwargs") or {})
+            # an instance is one build machine, as in-house machines are
+            worker_kwargs.setdefault("max_builds", 1)
             passed = {k: kwargs[k] for k in _WORKER_ARGS if k in kwargs}
             for wname in names:
                 self.workers.append(

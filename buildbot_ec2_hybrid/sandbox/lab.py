@@ -83,7 +83,9 @@ class LabSpec:
 class SandboxLab:
     """Start and stop a complete sandbox farm in ``workdir``."""
 
-    def __init__(self, workdir: Path, spec: LabSpec | None = None) -> None:
+    def __init__(
+        self, workdir: Path, spec: LabSpec | None = None, *, www_port: int | None = None
+    ) -> None:
         self.workdir = Path(workdir)
         self.spec = spec or LabSpec()
         self.region: SandboxRegion | None = None
@@ -95,7 +97,7 @@ class SandboxLab:
         self.extras: dict[str, list[str]] = {}
         self._allowed_extras: set[str] = set()
         self.pb_port = free_port()
-        self.www_port = free_port()
+        self.www_port = www_port or free_port()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
