@@ -37,6 +37,9 @@ from buildbot_ec2_hybrid.worker import check_instance
 _NAME_CHUNK = 200  # filter values per DescribeInstances filter
 #: how long an AZ that answered InsufficientInstanceCapacity is avoided
 UNHEALTHY_AZ_SECONDS = 300.0
+#: back-off of the whole pool while EC2 throttles every call or cannot be reached
+REGION_BACKOFF_BASE = 2.0
+REGION_BACKOFF_CAP = 60.0
 
 # the arguments a pool hands to each of its workers unchanged
 _WORKER_ARGS = (
@@ -319,6 +322,9 @@ class EC2Pool(service.BuildbotService):
         self._unhealthy_azs: dict[str, float] = {}
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=500)
         self.degraded: str | None = None
+        self._region_failures = 0
+        self._region_backoff_until = 0.0
+        self._last_unmet: dict[str, int] = {}
         self._decision_call = None
         self._wake_call = None
         self._reconcile_call = None
@@ -529,6 +535,13 @@ class EC2Pool(service.BuildbotService):
         )
         self.decisions += 1
         workers = {w.name: w for w in self.live_workers()}
+        if plan.revive and now < self._region_backoff_until:
+            # EC2 itself is throttling us or unreachable: hold revivals until the back-off ends
+            # rather than blaming (and quarantining) one instance after another
+            plan.wake_at = min(plan.wake_at or self._region_backoff_until,
+                               self._region_backoff_until)
+            plan.unmet = {r.builder: 0 for r in plan.revive} | plan.unmet
+            plan.revive = []
         if plan.revive:
             self._log(
                 f"reviving {len(plan.revive)} instance(s): "
@@ -538,11 +551,14 @@ class EC2Pool(service.BuildbotService):
             self._revive(workers[revival.worker], revival.builder, revival.reason)
         for suspension in plan.suspend:
             self._suspend(workers[suspension.worker], suspension.reason)
-        if plan.unmet:
-            self._log(
-                "backlog not covered (max_running or no revivable instance): "
-                + ", ".join(f"{b}: {n}" for b, n in sorted(plan.unmet.items()))
-            )
+        unmet = {b: n for b, n in plan.unmet.items() if n}
+        if unmet != self._last_unmet:
+            if unmet:
+                self._log(
+                    "backlog not covered (max_running, quarantine or no revivable instance): "
+                    + ", ".join(f"{b}: {n}" for b, n in sorted(unmet.items()))
+                )
+            self._last_unmet = unmet
         self._arm_wake(plan.wake_at, now)
 
     def _arm_wake(self, wake_at: float | None, now: float) -> None:
@@ -571,9 +587,7 @@ class EC2Pool(service.BuildbotService):
     def _revived(self, result, worker: EC2PoolWorker):
         self._booked.pop(worker.name, None)
         self._failures.pop(worker.name, None)
-        if self.degraded:
-            self._log("EC2 answers again; pool no longer degraded")
-            self.degraded = None
+        self._ec2_answers()
         if result:
             self._record("connected", worker.name, "worker connected")
             self.master.botmaster.maybeStartBuildsForWorker(worker.name)
@@ -591,15 +605,17 @@ class EC2Pool(service.BuildbotService):
             self.refused[worker.name] = str(failure.value)
             self._record("refused", worker.name, str(failure.value))
             self._log(f"worker {worker.name} is unusable: {failure.value}")
+        elif failure.check(ec2.Throttled, ec2.Unreachable):
+            # the region, not the instance, is at fault: back off the whole pool
+            self._region_failures += 1
+            delay = min(REGION_BACKOFF_CAP, REGION_BACKOFF_BASE * 2 ** (self._region_failures - 1))
+            self._region_backoff_until = max(self._region_backoff_until, now + delay)
+            self.degraded = f"EC2 {failure.value.kind}: {failure.value}"
+            self._record("degraded", worker.name, f"{self.degraded}; retrying in {delay:.0f}s")
+            self._log(f"degraded: {self.degraded}; revivals resume in {delay:.0f}s")
         else:
             self._failures[worker.name] += 1
             delay = policy.quarantine_delay(self._failures[worker.name])
-            if failure.check(ec2.Throttled, ec2.Unreachable):
-                # the region, not the instance, is at fault: retry soon, do not blame the
-                # instance for long
-                delay = min(delay, 30.0)
-                self.degraded = f"EC2 {failure.value.kind}: {failure.value}"
-                self._log(f"degraded: {self.degraded}")
             if failure.check(ec2.InsufficientCapacity):
                 info = self.known_instance(worker.name)
                 if info and info.availability_zone:
@@ -614,6 +630,15 @@ class EC2Pool(service.BuildbotService):
             )
         self.schedule_decision()
         return None
+
+    def _ec2_answers(self) -> None:
+        self._region_failures = 0
+        self._region_backoff_until = 0.0
+        if self.degraded:
+            self._log("EC2 answers again; pool no longer degraded")
+            self._record("recovered", None, "EC2 answers again")
+            self.degraded = None
+            self.schedule_decision()
 
     def _suspend(self, worker: EC2PoolWorker, reason: str) -> None:
         if worker.building or worker.draining:
@@ -665,9 +690,7 @@ class EC2Pool(service.BuildbotService):
             self.degraded = f"EC2 {e.kind}: {e}"
             self._log(f"degraded: reconcile could not describe the pool: {e}")
             return
-        if self.degraded:
-            self._log("EC2 answers again; pool no longer degraded")
-            self.degraded = None
+        self._ec2_answers()
         by_name: dict[str, list[ec2.InstanceInfo]] = collections.defaultdict(list)
         for info in found:
             if info.name:
@@ -709,6 +732,14 @@ class EC2Pool(service.BuildbotService):
     def _reconcile_worker(self, worker: EC2PoolWorker, info: ec2.InstanceInfo) -> None:
         if info.state in ("pending", "running") and worker.state == States.NOT_SUBSTANTIATED:
             if self._quarantine.get(worker.name, 0) > self.master.reactor.seconds():
+                # a quarantined instance that came up anyway (a boot that finished late) is
+                # needed by nobody: do not leave it running
+                if info.state == "running":
+                    self._log(f"instance {info.instance_id} of quarantined {worker.name} is "
+                              "running: stopping it")
+                    self._record("suspend", worker.name, "quarantined instance found running")
+                    d = self.client.stop_instance(info.instance_id, hibernate=False)
+                    d.addErrback(log.err, f"ec2-hybrid[{self.name}]: stopping {worker.name}")
                 return
             self._log(f"instance {info.instance_id} of {worker.name} is {info.state} with no "
                       "worker: adopting it")
