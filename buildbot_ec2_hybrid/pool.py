@@ -23,6 +23,7 @@ from buildbot.util import service
 from buildbot.worker.latent import States
 from twisted.internet import defer
 from twisted.python import log
+from twisted.python.failure import Failure
 
 from buildbot_ec2_hybrid import ec2
 from buildbot_ec2_hybrid import policy
@@ -74,7 +75,8 @@ class EC2Pool(service.BuildbotService):
     def __init__(self, name: str, **kwargs: Any) -> None:
         self._config_ok = True
         super().__init__(name=name, **kwargs)
-        self.overflow_after = float(kwargs.get("overflow_after", 60))
+        # a bad value is already reported by checkConfig; float() would only add a traceback
+        self.overflow_after = float(kwargs.get("overflow_after", 60)) if self._config_ok else 0.0
         names = kwargs.get("workers") or []
         self.workers: list[EC2PoolWorker] = []
         self.workernames: list[str] = []
@@ -122,65 +124,212 @@ class EC2Pool(service.BuildbotService):
         check_peer_address: bool = True,
         instance_ids: dict[str, str] | None = None,
         worker_kwargs: dict[str, Any] | None = None,
+        **unknown: Any,
     ) -> None:
+        # Every message names the argument and says what to write instead. Values of credential
+        # arguments are never echoed: they may be secrets typed into master.cfg.
+        import difflib
+        import inspect
+
+        from buildbot.util.identifiers import isIdentifier
+
         where = f"EC2Pool {self.name!r}"
 
         def error(msg: str) -> None:
             self._config_ok = False
             config.error(f"{where}: {msg}")
 
-        if not isinstance(region, str) or not REGION_RE.match(region):
-            error(f"region={region!r}: give the AWS region of the pool, e.g. region='us-west-2'")
-        if not isinstance(vpc_id, str) or not VPC_ID_RE.match(vpc_id):
+        known = [p for p in inspect.signature(self.checkConfig).parameters if p != "unknown"]
+        for arg in sorted(unknown):
+            close = difflib.get_close_matches(arg, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the arguments are {', '.join(known)}"
+            error(f"unknown argument {arg}: {hint}")
+        name = self.name
+        if (
+            not isinstance(name, str)
+            or not 0 < len(name) <= 255
+            or not all(ch.isalnum() or ch in " _.:/=+-@" for ch in name)
+        ):
             error(
-                f"vpc_id={vpc_id!r}: give the id of the pool's private VPC, 'vpc-' followed by "
-                "8 or 17 hex digits; instances outside it are never started"
+                "name: give the pool a name of 1 to 255 letters, digits, spaces or _.:/=+-@ "
+                "(it is the pool tag's value on its instances), e.g. EC2Pool('b2g-aws', ...)"
             )
-        if isinstance(workers, str) or not isinstance(workers, (list, tuple)) or not workers:
+        if region is None:
+            error("region is missing: give the AWS region of the pool, e.g. region='us-west-2'")
+        elif not isinstance(region, str) or not REGION_RE.match(region):
             error(
-                "workers must be a non-empty list of the instances' EC2 Name tags, e.g. "
-                "workers=[f'linux64-ec2-{i:03d}' for i in range(1, 51)]"
+                f"region={region!r} is not an AWS region name: give one like region='us-west-2' "
+                "(a region, not an availability zone such as 'us-west-2a')"
+            )
+        if vpc_id is None:
+            error(
+                "vpc_id is missing: give the id of the pool's private VPC, e.g. "
+                "vpc_id='vpc-0123abcd'; instances outside it are never started"
+            )
+        elif not isinstance(vpc_id, str) or not VPC_ID_RE.match(vpc_id):
+            error(
+                f"vpc_id={vpc_id!r} is not a VPC id: give 'vpc-' followed by 8 or 17 lowercase "
+                "hex digits, e.g. vpc_id='vpc-0123abcd'"
+            )
+        names: list[str] = []
+        if isinstance(workers, str):
+            error(
+                f"workers={workers!r} is a string, not a list: give a list of the instances' EC2 "
+                f"Name tags, e.g. workers=[{workers!r}]"
+            )
+        elif not isinstance(workers, (list, tuple)) or not workers:
+            error(
+                f"workers={workers!r}: give a non-empty list of the instances' EC2 Name tags, "
+                "e.g. workers=[f'linux64-ec2-{i:03d}' for i in range(1, 51)]"
             )
         else:
-            seen: set[str] = set()
+            twice: list[str] = []
             for w in workers:
-                if not isinstance(w, str) or not w:
-                    error(f"workers: {w!r} is not a worker name (an EC2 Name tag string)")
-                elif w in seen:
-                    error(f"workers: {w!r} is listed twice; each instance is one worker")
-                seen.add(w) if isinstance(w, str) else None
-        if password is None:
+                if (
+                    not isinstance(w, str)
+                    or not isIdentifier(50, w)
+                    or w in ("debug", "change", "status")
+                ):
+                    error(
+                        f"workers: {w!r} cannot be a Buildbot worker name: use at most 50 "
+                        "letters, digits, '-' and '_', not starting with a digit, and give the "
+                        "instance that Name tag"
+                    )
+                elif w in names:
+                    twice.append(w)
+                else:
+                    names.append(w)
+            if twice:
+                error(
+                    f"workers: {', '.join(map(repr, twice))} listed more than once: each "
+                    "instance is one worker, list each name once"
+                )
+        if password is None or password == "":
             error(
-                "password is missing: give the workers' password as a secret, e.g. "
+                "password is missing: give the pool workers' password as a secret, e.g. "
                 "password=util.Secret('ec2-worker-password')"
             )
-        _check_seconds(error, "overflow_after", overflow_after, allow_zero=True, most=7 * 86400)
-        _check_seconds(error, "idle_timeout", idle_timeout, allow_zero=False, most=7 * 86400)
-        _check_seconds(error, "boot_timeout", boot_timeout, allow_zero=False, most=86400)
-        _check_seconds(error, "poll_interval", poll_interval, allow_zero=False, most=300)
+        _check_seconds(error, "overflow_after", overflow_after, allow_zero=True,
+                       most=7 * 86400, example=60)
+        _check_seconds(error, "idle_timeout", idle_timeout, allow_zero=False,
+                       most=7 * 86400, example=3600)
+        _check_seconds(error, "boot_timeout", boot_timeout, allow_zero=False,
+                       most=86400, example=600)
+        _check_seconds(error, "poll_interval", poll_interval, allow_zero=False,
+                       most=300, example=2)
         _check_seconds(error, "reconcile_interval", reconcile_interval, allow_zero=False,
-                       most=86400)
+                       most=86400, example=300)
+        if (
+            all(isinstance(v, (int, float)) for v in (poll_interval, boot_timeout))
+            and 0 < boot_timeout <= poll_interval
+        ):
+            error(
+                f"poll_interval={poll_interval!r} is not shorter than boot_timeout="
+                f"{boot_timeout!r}: poll more often than the boot timeout, e.g. poll_interval=2"
+            )
         if max_running is not None and (
             isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
         ):
             error(
-                f"max_running={max_running!r}: give a positive whole number of instances, or "
-                "leave it out to allow the whole pool"
+                f"max_running={max_running!r}: give a whole number of instances, 1 or more "
+                "(e.g. max_running=10), or leave it out to allow the whole pool"
+            )
+        for field, flag in (("hibernate", hibernate), ("check_peer_address", check_peer_address)):
+            if not isinstance(flag, bool):
+                error(f"{field}={flag!r}: give True or False")
+        if endpoint_url is not None and (
+            not isinstance(endpoint_url, str)
+            or not endpoint_url.startswith(("http://", "https://"))
+        ):
+            error(
+                f"endpoint_url={endpoint_url!r}: give a full URL such as "
+                "'https://ec2.us-west-2.amazonaws.com', or leave it out to use the region's own"
+            )
+        if aws_access_key_id is not None and not isinstance(aws_access_key_id, str):
+            error(
+                "aws_access_key_id must be a plain string (the key id is not secret); give the "
+                "secret key as aws_secret_access_key=util.Secret('...')"
             )
         if (aws_access_key_id is None) != (aws_secret_access_key is None):
+            missing = "aws_secret_access_key" if aws_access_key_id else "aws_access_key_id"
             error(
-                "give both aws_access_key_id and aws_secret_access_key, or neither (then boto3's "
-                "credential chain, or aws_profile, is used)"
+                f"{missing} is missing: give both aws_access_key_id and aws_secret_access_key "
+                "(the secret as util.Secret('...')), or neither to use boto3's credential chain "
+                "or aws_profile"
             )
+        if aws_profile is not None:
+            if not isinstance(aws_profile, str) or not aws_profile:
+                error("aws_profile: give the name of a profile in ~/.aws/config, or leave it out")
+            elif aws_access_key_id is not None:
+                error(
+                    "aws_profile and aws_access_key_id are both given: keep one way of signing "
+                    "in to AWS, remove the other"
+                )
         if instance_ids is not None:
             if not isinstance(instance_ids, dict):
-                error("instance_ids must map worker names to instance ids")
+                error(
+                    "instance_ids must be a dict mapping worker names to instance ids, e.g. "
+                    "instance_ids={'linux64-ec2-001': 'i-0123456789abcdef0'}"
+                )
             else:
+                owner: dict[str, Any] = {}
                 for w, iid in instance_ids.items():
-                    if workers and w not in workers:
-                        error(f"instance_ids: {w!r} is not one of the pool's workers")
+                    if names and w not in names:
+                        error(
+                            f"instance_ids: {w!r} is not one of the pool's workers: use a name "
+                            "from workers, or add it to workers"
+                        )
                     if not isinstance(iid, str) or not INSTANCE_ID_RE.match(iid):
-                        error(f"instance_ids[{w!r}]={iid!r} is not an instance id ('i-...')")
+                        error(
+                            f"instance_ids[{w!r}]={iid!r} is not an instance id: give 'i-' "
+                            "followed by 8 or 17 hex digits, e.g. 'i-0123456789abcdef0'"
+                        )
+                    elif iid in owner:
+                        error(
+                            f"instance_ids: {iid!r} is given to {owner[iid]!r} and to {w!r}: "
+                            "each instance backs one worker, give each its own id"
+                        )
+                    else:
+                        owner[iid] = w
+        if worker_kwargs is not None:
+            if not isinstance(worker_kwargs, dict):
+                error(
+                    "worker_kwargs must be a dict of extra worker arguments, e.g. "
+                    "worker_kwargs={'properties': {'cloud': 'aws'}}"
+                )
+            else:
+                # what Buildbot's latent worker accepts, minus what the pool sets itself
+                extra: set[str] = set()
+                for klass in EC2PoolWorker.__mro__[1:]:
+                    method = klass.__dict__.get("checkConfig")
+                    if method is not None:
+                        extra.update(inspect.signature(method).parameters)
+                extra -= {"self", "args", "kwargs", "name", "password", "build_wait_timeout",
+                          "missing_timeout"}
+                instead = {
+                    "build_wait_timeout": "the pool stops idle workers itself: set idle_timeout "
+                    "on the EC2Pool instead",
+                    "missing_timeout": "set boot_timeout on the EC2Pool instead",
+                    "instance_id": "set instance_ids on the EC2Pool instead",
+                    "pool": "the pool sets it: remove it",
+                    "pool_managed": "the pool sets it: remove it",
+                    "name": "worker names come from workers: remove it",
+                }
+                for key in sorted(map(str, worker_kwargs)):
+                    if key in extra:
+                        continue
+                    if key in instead:
+                        hint = instead[key]
+                    elif key in known:
+                        hint = f"give {key} to the EC2Pool itself"
+                    else:
+                        close = difflib.get_close_matches(key, sorted(extra), n=1)
+                        hint = (
+                            f"did you mean {close[0]}?"
+                            if close
+                            else f"the extra worker arguments are {', '.join(sorted(extra))}"
+                        )
+                    error(f"worker_kwargs[{key!r}]: {hint}")
 
     @defer.inlineCallbacks
     def reconfigService(  # type: ignore[override]
@@ -585,6 +734,10 @@ class EC2Pool(service.BuildbotService):
         )
 
     def _revived(self, result, worker: EC2PoolWorker):
+        if isinstance(result, BaseException):
+            # Buildbot's missing timer (our connect timeout) "succeeds" the substantiation with
+            # a TimeoutError instance instead of failing it
+            return self._revive_failed(Failure(result), worker)
         self._booked.pop(worker.name, None)
         self._failures.pop(worker.name, None)
         self._ec2_answers()
@@ -779,13 +932,17 @@ class EC2Pool(service.BuildbotService):
         }
 
 
-def _check_seconds(error, field: str, value: Any, *, allow_zero: bool, most: float) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and (value < 0 or (value == 0 and not allow_zero) or value > most):
+def _check_seconds(
+    error, field: str, value: Any, *, allow_zero: bool, most: float, example: float | None = None
+) -> None:
+    # NaN and infinity fail the chained comparison as well
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= most
+    if ok and value == 0 and not allow_zero:
         ok = False
     if not ok:
         low = "0 or more" if allow_zero else "more than 0"
-        error(f"{field}={value!r}: give a number of seconds, {low} and at most {most:.0f}")
+        hint = f", e.g. {field}={example:g}" if example is not None else ""
+        error(f"{field}={value!r}: give a number of seconds, {low} and at most {most:.0f}{hint}")
 
 
 def pools_of(master) -> list[EC2Pool]:

@@ -22,9 +22,22 @@ os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 
 def _finish_lab(lab, *, check_leaks: bool = True) -> None:
     from buildbot_ec2_hybrid.sandbox.farm import wait_for
+    from buildbot_ec2_hybrid.sandbox.lab import AWS_SECRET
+    from buildbot_ec2_hybrid.sandbox.lab import INHOUSE_PASSWORD
+    from buildbot_ec2_hybrid.sandbox.lab import WORKER_PASSWORD
 
     problems = lab.forbidden_calls() if lab.region is not None else []
     leaked: list[str] = []
+    exposed: list[str] = []
+    if lab.master is not None and lab.master.running:
+        # no secret in the web UI's data: worker info, builders, the pool's own pages
+        try:
+            public = lab.rest.get("workers")
+        except Exception:
+            public = None
+        for secret in (WORKER_PASSWORD, INHOUSE_PASSWORD, AWS_SECRET):
+            if public is not None and secret in str(public):
+                exposed.append("a secret in /api/v2/workers")
     try:
         if lab.master is not None and lab.master.running:
             lab.master.stop()
@@ -39,7 +52,13 @@ def _finish_lab(lab, *, check_leaks: bool = True) -> None:
             tail = "\n".join(lab.master.log_text().splitlines()[-60:])
             print(f"--- master log tail ({lab.master.basedir}) ---\n{tail}")
         lab.stop()
+    if lab.master is not None:
+        text = lab.master.log_text()
+        for secret in (WORKER_PASSWORD, INHOUSE_PASSWORD, AWS_SECRET):
+            if secret in text:
+                exposed.append("a secret in the master's log")
     assert not problems, f"forbidden EC2 calls: {problems}"
+    assert not exposed, exposed
     assert not leaked, f"pool instances left running after the master stopped: {leaked}"
 
 

@@ -75,7 +75,8 @@ class LabSpec:
     boot_delay: float = 0.5
     #: instances made to order before the master starts, as keyword arguments of
     #: SandboxRegion.create_instance plus "pool" (whose VPC they go in, unless "vpc" is
-    #: "other") and "allowed" (True: a legitimate pool instance the plugin may start)
+    #: "other"), "allowed" (True: a legitimate pool instance the plugin may start) and
+    #: "pool_member" (True: also one of the pool's workers)
     extra_instances: list[dict[str, Any]] = field(default_factory=list)
     title: str = "buildbot-ec2-hybrid sandbox"
 
@@ -153,7 +154,9 @@ class SandboxLab:
         for spec in self.spec.extra_instances:
             kwargs = dict(spec)
             pool = kwargs.pop("pool")
-            allowed = kwargs.pop("allowed", False)
+            # a pool member is a legitimate instance the pool's worker list names
+            member = kwargs.pop("pool_member", False)
+            allowed = kwargs.pop("allowed", False) or member
             if kwargs.pop("vpc", None) == "other":
                 if other_vpc is None:
                     other_vpc = self.region.create_vpc("other-vpc")
@@ -190,7 +193,11 @@ class SandboxLab:
 
     def pool_workers(self, pool: str | None = None) -> list[str]:
         name = pool or self.spec.pools[0].name
-        return sorted(self.fixtures[name].instances)
+        members = [
+            e["name"] for e in self.spec.extra_instances
+            if e.get("pool_member") and e["pool"] == name
+        ]
+        return sorted([*self.fixtures[name].instances, *members])
 
     def instance_id(self, worker: str) -> str:
         for fixture in self.fixtures.values():
@@ -212,7 +219,7 @@ class SandboxLab:
                 {
                     "name": p.name,
                     "vpc_id": fixture.vpc_id,
-                    "workers": sorted(fixture.instances),
+                    "workers": self.pool_workers(p.name),
                     "overflow_after": p.overflow_after,
                     "idle_timeout": p.idle_timeout,
                     "max_running": p.max_running,
