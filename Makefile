@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python setup.py
 venv: $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check buildbot_ec2_hybrid tests benchmarks master_examples setup.py
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -27,6 +27,8 @@ from twisted.python.failure import Failure
 
 from buildbot_ec2_hybrid import ec2
 from buildbot_ec2_hybrid import policy
+from buildbot_ec2_hybrid.usage import Stay
+from buildbot_ec2_hybrid.usage import UsageLedger
 from buildbot_ec2_hybrid.worker import BATCH_WINDOW
 from buildbot_ec2_hybrid.worker import INSTANCE_ID_RE
 from buildbot_ec2_hybrid.worker import REGION_RE
@@ -124,6 +126,7 @@ class EC2Pool(service.BuildbotService):
         check_peer_address: bool = True,
         instance_ids: dict[str, str] | None = None,
         worker_kwargs: dict[str, Any] | None = None,
+        instance_prices: dict[str, float] | None = None,
         **unknown: Any,
     ) -> None:
         # Every message names the argument and says what to write instead. Values of credential
@@ -353,8 +356,10 @@ class EC2Pool(service.BuildbotService):
         check_peer_address: bool = True,
         instance_ids: dict[str, str] | None = None,
         worker_kwargs: dict[str, Any] | None = None,
+        instance_prices: dict[str, float] | None = None,
     ):
         self.vpc_id = vpc_id
+        self.usage = UsageLedger(instance_prices)
         self.workernames = list(workers)
         self.overflow_after = float(overflow_after)
         self.hibernate = hibernate
@@ -929,6 +934,22 @@ class EC2Pool(service.BuildbotService):
                 for w in self.live_workers()
             ],
             "events": list(self.events)[-50:],
+            "usage": self.usage.totals(
+                self.master.reactor.seconds(),
+                running=[
+                    Stay(w.name, w.instance.instance_type if w.instance else None,
+                         w.running_since, None)
+                    for w in self.live_workers() if w.running_since is not None
+                ],
+            ),
+            "settings": {
+                "overflow_after": self.policy_config.overflow_after,
+                "idle_timeout": self.policy_config.idle_timeout,
+                "max_running": self.policy_config.max_running,
+                "hibernate": self.hibernate,
+                "vpc_id": self.vpc_id,
+                "region": self.aws.region,
+            },
         }
 
 

@@ -100,10 +100,10 @@ class EC2PoolWorker(AbstractLatentWorker):
     def checkConfig(  # type: ignore[override]
         self,
         name: str,
-        password: Any,
+        password: Any = None,
         *,
-        vpc_id: str,
-        region: str,
+        vpc_id: str | None = None,
+        region: str | None = None,
         pool: str | None = None,
         instance_id: str | None = None,
         endpoint_url: str | None = None,
@@ -117,28 +117,107 @@ class EC2PoolWorker(AbstractLatentWorker):
         pool_managed: bool = False,
         **kwargs: Any,
     ) -> None:
+        # password, vpc_id and region default to None here only so that leaving one out is
+        # reported with its fix rather than as a TypeError. Values of credential arguments are
+        # never echoed: they may be secrets typed into master.cfg.
+        import difflib
+        import inspect
+
         where = f"EC2PoolWorker {name!r}"
-        if password is None:
-            config.error(f"{where}: password is required (use util.Secret('...'))")
-        if not isinstance(vpc_id, str) or not VPC_ID_RE.match(vpc_id):
-            config.error(
-                f"{where}: vpc_id={vpc_id!r} is not a VPC id; give the pool's VPC as 'vpc-' "
-                "followed by 8 or 17 hex digits"
+
+        def error(msg: str) -> None:
+            config.error(f"{where}: {msg}")
+
+        base: set[str] = set()
+        for klass in AbstractLatentWorker.__mro__:
+            method = klass.__dict__.get("checkConfig")
+            if method is not None:
+                base.update(inspect.signature(method).parameters)
+        base -= {"self", "args", "kwargs", "name", "password"}
+        for arg in sorted(set(kwargs) - base):
+            known = (base | set(inspect.signature(self.checkConfig).parameters)) - {"kwargs"}
+            close = difflib.get_close_matches(arg, sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else "remove it"
+            error(f"unknown argument {arg}: {hint}")
+            del kwargs[arg]
+        if password is None or password == "":
+            error(
+                "password is missing: give it after the name, e.g. EC2PoolWorker("
+                f"{name!r}, util.Secret('ec2-worker-password'), ...)"
             )
-        if not isinstance(region, str) or not REGION_RE.match(region):
-            config.error(f"{where}: region={region!r} is not an AWS region name like 'us-west-2'")
+        if vpc_id is None:
+            error(
+                "vpc_id is missing: give the id of the instance's private VPC, e.g. "
+                "vpc_id='vpc-0123abcd'; an instance outside it is never started"
+            )
+        elif not isinstance(vpc_id, str) or not VPC_ID_RE.match(vpc_id):
+            error(
+                f"vpc_id={vpc_id!r} is not a VPC id: give 'vpc-' followed by 8 or 17 lowercase "
+                "hex digits, e.g. vpc_id='vpc-0123abcd'"
+            )
+        if region is None:
+            error("region is missing: give the instance's AWS region, e.g. region='us-west-2'")
+        elif not isinstance(region, str) or not REGION_RE.match(region):
+            error(
+                f"region={region!r} is not an AWS region name: give one like region='us-west-2' "
+                "(a region, not an availability zone such as 'us-west-2a')"
+            )
+        if pool is not None and (not isinstance(pool, str) or not pool):
+            error(
+                f"pool={pool!r}: give the value of the instance's pool tag, e.g. pool='b2g-aws', "
+                "or leave it out"
+            )
         if instance_id is not None and (
             not isinstance(instance_id, str) or not INSTANCE_ID_RE.match(instance_id)
         ):
-            config.error(f"{where}: instance_id={instance_id!r} is not an instance id ('i-...')")
-        if not isinstance(boot_timeout, (int, float)) or boot_timeout <= 0:
-            config.error(f"{where}: boot_timeout must be a positive number of seconds")
-        if not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
-            config.error(f"{where}: poll_interval must be a positive number of seconds")
+            error(
+                f"instance_id={instance_id!r} is not an instance id: give 'i-' followed by 8 or "
+                "17 hex digits, e.g. instance_id='i-0123456789abcdef0', or leave it out to find "
+                "the instance by its Name tag"
+            )
+        for field, value, most, example in (
+            ("boot_timeout", boot_timeout, 86400, 600),
+            ("poll_interval", poll_interval, 300, 2),
+        ):
+            # NaN and infinity fail the chained comparison as well
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 < value <= most
+            ):
+                error(
+                    f"{field}={value!r}: give a number of seconds, more than 0 and at most "
+                    f"{most}, e.g. {field}={example}"
+                )
+        for field, flag in (
+            ("hibernate", hibernate),
+            ("check_peer_address", check_peer_address),
+            ("pool_managed", pool_managed),
+        ):
+            if not isinstance(flag, bool):
+                error(f"{field}={flag!r}: give True or False")
+        if endpoint_url is not None and (
+            not isinstance(endpoint_url, str)
+            or not endpoint_url.startswith(("http://", "https://"))
+        ):
+            error(
+                f"endpoint_url={endpoint_url!r}: give a full URL such as "
+                "'https://ec2.us-west-2.amazonaws.com', or leave it out to use the region's own"
+            )
+        if aws_access_key_id is not None and not isinstance(aws_access_key_id, str):
+            error(
+                "aws_access_key_id must be a plain string (the key id is not secret); give the "
+                "secret key as aws_secret_access_key=util.Secret('...')"
+            )
         if (aws_access_key_id is None) != (aws_secret_access_key is None):
-            config.error(
-                f"{where}: give both aws_access_key_id and aws_secret_access_key, or neither "
-                "(then boto3's usual credential chain or aws_profile is used)"
+            missing = "aws_secret_access_key" if aws_access_key_id else "aws_access_key_id"
+            error(
+                f"{missing} is missing: give both aws_access_key_id and aws_secret_access_key "
+                "(the secret as util.Secret('...')), or neither to use boto3's credential chain "
+                "or aws_profile"
+            )
+        if aws_profile is not None and aws_access_key_id is not None:
+            error(
+                "aws_profile and aws_access_key_id are both given: keep one way of signing in to "
+                "AWS, remove the other"
             )
         kwargs.setdefault("missing_timeout", boot_timeout)
         super().checkConfig(name, password, **kwargs)
@@ -193,6 +272,8 @@ class EC2PoolWorker(AbstractLatentWorker):
         self.draining = False
         #: set while start_instance found the instance already running (adopted, not started)
         self.adopted = False
+        #: when the instance was last revived or adopted, until it is stopped (instance-hours)
+        self.running_since: float | None = None
         res = yield super().reconfigService(name, password, **kwargs)
         return res
 
@@ -280,6 +361,8 @@ class EC2PoolWorker(AbstractLatentWorker):
                     yield self.client.wait_for_state(iid, {"stopped"}, self.boot_timeout)
                 if info.state not in _LIVE_STATES:
                     yield self.client.start_instance(iid)
+        if self.running_since is None:
+            self.running_since = self.master.reactor.seconds()
         info = yield self.client.wait_for_state(iid, {"running"}, self.boot_timeout)
         self.instance = info
         self._log(f"instance {iid} is running at {info.private_ip}; waiting for the worker")
@@ -311,7 +394,17 @@ class EC2PoolWorker(AbstractLatentWorker):
         if not fast:
             yield self.client.wait_for_state(iid, {"stopped"}, self.boot_timeout)
             self._log(f"instance {iid} is stopped")
+        self._close_stay()
         return True
+
+    def _close_stay(self) -> None:
+        if self.running_since is None:
+            return
+        start, self.running_since = self.running_since, None
+        if self.pool is not None and self.instance is not None:
+            self.pool.usage.record(
+                self.name, self.instance.instance_type, start, self.master.reactor.seconds()
+            )
 
     def check_instance(self):
         # called while waiting for the worker to connect: an instance that stopped again (an
