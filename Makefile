@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv lint unit clean
+.PHONY: test demo soak venv lint unit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: lint
 
 demo: venv
 	$(BIN)/buildbot-ec2-hybrid demo $(DEMO_ARGS)
+
+# the chaos soak: a few hundred builds while faults are injected (SOAK_ARGS="--builds 300")
+soak: venv
+	$(BIN)/python -m buildbot_ec2_hybrid.sandbox.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
