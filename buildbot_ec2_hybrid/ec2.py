@@ -2,8 +2,10 @@
 
 boto3 runs in Twisted's thread pool; callers (the worker and the pool, in the master's reactor)
 get Deferreds. The plugin revives and suspends pre-created instances, so the only EC2 actions
-this module can send are DescribeInstances, StartInstances and StopInstances (see
-``_OPERATIONS``); RunInstances and TerminateInstances are deliberately not reachable from here.
+this module can send are DescribeInstances, StartInstances and StopInstances, plus CreateTags
+limited to the one tag that tells a revived instance which master to join in a multi-master farm
+(see ``_OPERATIONS`` and ``WRITABLE_TAGS``); RunInstances and TerminateInstances are deliberately
+not reachable from here.
 
 What it adds on top of boto3:
 
@@ -91,13 +93,19 @@ LOG_PREFIX = "ec2-hybrid[ec2]"
 DESCRIBE = "DescribeInstances"
 START = "StartInstances"
 STOP = "StopInstances"
+TAG = "CreateTags"
+#: the only tag the plugin ever writes: where a revived instance's worker should connect
+#: (multi-master); every other tag is the operator's
+WRITABLE_TAGS = frozenset({"buildbot-ec2-hybrid:master"})
 
 # The whole surface this module can send to AWS. Keep it this way: the IAM policy documented for
-# the plugin grants only these, and the plugin must never create or destroy instances.
+# the plugin grants only these (CreateTags only for WRITABLE_TAGS), and the plugin must never
+# create or destroy instances.
 _OPERATIONS: Mapping[str, str] = MappingProxyType(
     {
         DESCRIBE: "describe_instances",
         START: "start_instances",
+        TAG: "create_tags",
         STOP: "stop_instances",
     }
 )
@@ -933,6 +941,22 @@ class EC2Client:
         d = self._enqueue((STOP, bool(hibernate)), instance_id)
         d.addCallback(lambda _: None)
         return d
+
+    def tag_instances(self, ids: Iterable[str], tags: Mapping[str, str]) -> defer.Deferred[None]:
+        """Set tags on instances in one CreateTags call per chunk. Only the tags in
+        ``WRITABLE_TAGS`` may be written: the plugin never rewrites an operator's tags (Name, the
+        pool tag) and the documented IAM policy allows just these keys."""
+        ids = _unique(ids)
+        forbidden = set(tags) - WRITABLE_TAGS
+        if forbidden:
+            return defer.fail(ValueError(f"the plugin may not write tags {sorted(forbidden)}"))
+        tag_list = [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+
+        async def run() -> None:
+            for chunk in _chunks(ids, self.chunk_size):
+                await self._call(TAG, {"Resources": chunk, "Tags": tag_list}, chunk)
+
+        return defer.Deferred.fromCoroutine(run())
 
     def start_instances(self, ids: Iterable[str]) -> defer.Deferred[dict[str, EC2Error | None]]:
         """Start several; fires with {id: None on success, else its EC2Error}. Never errbacks."""

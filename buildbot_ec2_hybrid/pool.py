@@ -27,10 +27,12 @@ from twisted.python.failure import Failure
 
 from buildbot_ec2_hybrid import ec2
 from buildbot_ec2_hybrid import policy
+from buildbot_ec2_hybrid.coordination import Coordinator
 from buildbot_ec2_hybrid.usage import Stay
 from buildbot_ec2_hybrid.usage import UsageLedger
 from buildbot_ec2_hybrid.worker import BATCH_WINDOW
 from buildbot_ec2_hybrid.worker import INSTANCE_ID_RE
+from buildbot_ec2_hybrid.worker import MASTER_TAG
 from buildbot_ec2_hybrid.worker import REGION_RE
 from buildbot_ec2_hybrid.worker import VPC_ID_RE
 from buildbot_ec2_hybrid.worker import EC2PoolWorker
@@ -127,6 +129,8 @@ class EC2Pool(service.BuildbotService):
         instance_ids: dict[str, str] | None = None,
         worker_kwargs: dict[str, Any] | None = None,
         instance_prices: dict[str, float] | None = None,
+        master_address: str | None = None,
+        takeover_after: float = 60,
         **unknown: Any,
     ) -> None:
         # Every message names the argument and says what to write instead. Values of credential
@@ -357,7 +361,11 @@ class EC2Pool(service.BuildbotService):
         instance_ids: dict[str, str] | None = None,
         worker_kwargs: dict[str, Any] | None = None,
         instance_prices: dict[str, float] | None = None,
+        master_address: str | None = None,
+        takeover_after: float = 60,
     ):
+        self.master_address = master_address
+        self.takeover_after = float(takeover_after)
         self.vpc_id = vpc_id
         self.usage = UsageLedger(instance_prices)
         self.workernames = list(workers)
@@ -383,6 +391,18 @@ class EC2Pool(service.BuildbotService):
             self._attach_workers()
             self.schedule_decision()
         yield defer.succeed(None)
+
+    @staticmethod
+    def checks():
+        """The whole-config checks, for ``c["configurators"] = [EC2Pool.checks()]``.
+
+        A service only sees its own arguments while master.cfg loads; this configurator sees the
+        whole config, so ``buildbot checkconfig`` also catches a pool worker reused in-house, a
+        worker in two pools, a pool missing from c["services"], and the like.
+        """
+        from buildbot_ec2_hybrid.checks import HybridConfigCheck
+
+        return HybridConfigCheck()
 
     # -- builder helpers (used in master.cfg) --------------------------------------------------
 
@@ -485,6 +505,15 @@ class EC2Pool(service.BuildbotService):
         self._consumers = []
         self._stopping = False
         self.decisions = 0
+        self._claiming: set[str] = set()
+        self._heartbeat_call = None
+        #: set in a multi-master farm: leases and claims in the shared database
+        self.coordinator: Coordinator | None = None
+        if self.master.config.multiMaster:
+            self.coordinator = Coordinator(
+                self.master, self.name, address=self.master_address,
+                takeover_after=self.takeover_after,
+            )
         yield super().startService()
         mq = self.master.mq
         for path, cb in (
@@ -503,7 +532,12 @@ class EC2Pool(service.BuildbotService):
         for consumer in self._consumers:
             consumer.stopConsuming()
         self._consumers = []
-        for attr in ("_decision_call", "_wake_call", "_reconcile_call"):
+        if self.coordinator is not None and self.coordinator.is_leader:
+            try:
+                yield self.coordinator.resign()
+            except Exception as e:
+                self._log(f"could not give up the pool lease: {e}")
+        for attr in ("_decision_call", "_wake_call", "_reconcile_call", "_heartbeat_call"):
             call = getattr(self, attr, None)
             if call is not None and call.active():
                 call.cancel()
@@ -517,9 +551,13 @@ class EC2Pool(service.BuildbotService):
     @defer.inlineCallbacks
     def _bootstrap_impl(self):
         self._attach_workers()
+        if self.coordinator is not None:
+            yield self.coordinator.setup()
+            yield self._heartbeat()
         yield self._load_pending_requests()
         yield self.reconcile()
         self._arm_reconcile()
+        self._arm_heartbeat()
         self.schedule_decision()
 
     def _attach_workers(self) -> None:
@@ -623,6 +661,11 @@ class EC2Pool(service.BuildbotService):
     def _worker_view(self, w: EC2PoolWorker, builders: frozenset[str], now: float):
         if w.name in self.refused:
             phase = policy.Phase.UNUSABLE
+        elif w.name in self._claiming:
+            phase = policy.Phase.BOOTING
+        elif self.coordinator is not None and self.coordinator.claimed_elsewhere(w.name):
+            # another live master revived it: it runs (and costs) but is not ours to use
+            phase = policy.Phase.BUSY
         elif w.state == States.NOT_SUBSTANTIATED:
             phase = policy.Phase.STOPPED
         elif w.state in (States.SUBSTANTIATING, States.SUBSTANTIATING_STARTING) and w.conn is None:
@@ -689,6 +732,8 @@ class EC2Pool(service.BuildbotService):
         )
         self.decisions += 1
         workers = {w.name: w for w in self.live_workers()}
+        if plan.revive and self.coordinator is not None and not self.coordinator.is_leader:
+            plan.revive = []  # the leading master revives for everyone
         if plan.revive and now < self._region_backoff_until:
             # EC2 itself is throttling us or unreachable: hold revivals until the back-off ends
             # rather than blaming (and quarantining) one instance after another
@@ -701,8 +746,13 @@ class EC2Pool(service.BuildbotService):
                 f"reviving {len(plan.revive)} instance(s): "
                 + ", ".join(f"{r.worker} for {r.builder}" for r in plan.revive)
             )
-        for revival in plan.revive:
-            self._revive(workers[revival.worker], revival.builder, revival.reason)
+        if self.coordinator is not None and plan.revive:
+            self._revive_claimed(
+                [(workers[r.worker], r.builder, r.reason) for r in plan.revive]
+            )
+        else:
+            for revival in plan.revive:
+                self._revive(workers[revival.worker], revival.builder, revival.reason)
         for suspension in plan.suspend:
             self._suspend(workers[suspension.worker], suspension.reason)
         unmet = {b: n for b, n in plan.unmet.items() if n}
@@ -729,6 +779,103 @@ class EC2Pool(service.BuildbotService):
             {"time": self.master.reactor.seconds(), "event": kind, "worker": worker,
              "reason": reason}
         )
+
+    def _revive_claimed(self, revivals: list[tuple[EC2PoolWorker, str, str]]) -> None:
+        """Multi-master: claim the instances in the shared database, point them at this master,
+        then revive the ones this master got (another master may have claimed some first)."""
+        names = [w.name for w, _, _ in revivals]
+        self._claiming.update(names)
+
+        @defer.inlineCallbacks
+        def claim_and_revive():
+            try:
+                got = set((yield self.coordinator.claim(names)))
+                ids = [self._instances[n].instance_id for n in got if n in self._instances]
+                if ids and self.master_address:
+                    yield self.client.tag_instances(ids, {MASTER_TAG: self.master_address})
+            finally:
+                self._claiming.difference_update(names)
+            for worker, builder, reason in revivals:
+                if worker.name in got:
+                    self._revive(worker, builder, reason)
+            self.schedule_decision()
+
+        d = claim_and_revive()
+        d.addErrback(self._claim_failed, names)
+
+    def _claim_failed(self, failure, names: list[str]) -> None:
+        self._log(f"could not claim {', '.join(names)}: {failure.getErrorMessage()}")
+        if self.coordinator is not None:
+            d = self.coordinator.release(names)
+            d.addErrback(log.err, f"ec2-hybrid[{self.name}]: releasing claims")
+        self.schedule_decision()
+
+    def instance_stopped(self, worker: EC2PoolWorker) -> None:
+        """Called by a pool worker once its instance is stopped: release its claim."""
+        if self.coordinator is not None:
+            d = self.coordinator.release([worker.name])
+            d.addErrback(log.err, f"ec2-hybrid[{self.name}]: releasing {worker.name}")
+
+    # -- multi-master heartbeat and takeover --------------------------------------------------
+
+    def _arm_heartbeat(self) -> None:
+        if self._stopping or self.coordinator is None:
+            return
+        interval = max(1.0, self.takeover_after / 4)
+        self._heartbeat_call = self.master.reactor.callLater(interval, self._periodic_heartbeat)
+
+    def _periodic_heartbeat(self):
+        d = self._heartbeat()
+        d.addErrback(log.err, f"ec2-hybrid[{self.name}]: heartbeat failed")
+        d.addBoth(lambda _: self._arm_heartbeat())
+
+    @defer.inlineCallbacks
+    def _heartbeat(self):
+        was_leader = self.coordinator.is_leader
+        dead = yield self.coordinator.heartbeat()
+        for master in dead:
+            yield self._take_over(master)
+        if self.coordinator.is_leader and not was_leader:
+            # a new leader looks at what is running before it revives anything
+            yield self.reconcile()
+        self.schedule_decision()
+
+    @defer.inlineCallbacks
+    def _take_over(self, dead):
+        brids = yield self.coordinator.release_dead_master(dead)
+        orphans = self.coordinator.claimed_by(dead.masterid)
+        self._log(
+            f"master {dead.name} (id {dead.masterid}) stopped answering: released "
+            f"{len(brids)} build request(s) it had claimed; taking over {len(orphans)} "
+            "instance(s) it had revived"
+        )
+        self._record("takeover", None, f"master {dead.name}: {len(brids)} request(s), "
+                     f"{len(orphans)} instance(s)")
+        got = yield self.coordinator.claim(orphans)
+        for name in got:
+            # its worker was connected to the dead master: stop it; the backlog it leaves
+            # is revived again through the normal decision
+            yield self._stop_unowned(name, f"taken over from dead master {dead.name}")
+        yield self.coordinator.forget_master(dead.masterid)
+
+    @defer.inlineCallbacks
+    def _stop_unowned(self, name: str, reason: str):
+        info = self.known_instance(name)
+        if info is None:
+            yield self.coordinator.release([name])
+            return
+        self._record("suspend", name, reason)
+        self._log(f"stopping {name} ({info.instance_id}): {reason}")
+        try:
+            if info.state == "pending":
+                yield self.client.wait_for_state(info.instance_id, {"running"}, self.boot_timeout)
+            yield self.client.stop_instance(info.instance_id, hibernate=False)
+            yield self.client.wait_for_state(info.instance_id, {"stopped"}, self.boot_timeout)
+        except ec2.EC2Error as e:
+            self._log(f"could not stop {name}: {e}")
+            return
+        if self.coordinator is not None:
+            yield self.coordinator.release([name])
 
     def _revive(self, worker: EC2PoolWorker, builder: str, reason: str) -> None:
         self._booked[worker.name] = builder
@@ -888,6 +1035,19 @@ class EC2Pool(service.BuildbotService):
         self.schedule_decision()
 
     def _reconcile_worker(self, worker: EC2PoolWorker, info: ec2.InstanceInfo) -> None:
+        coordinator = self.coordinator
+        if (
+            coordinator is not None
+            and info.state in ("pending", "running")
+            and worker.state == States.NOT_SUBSTANTIATED
+        ):
+            # multi-master: instances of live masters are theirs; the leader takes care of the
+            # rest (its own from before a restart are adopted, others' are stopped)
+            if coordinator.claimed_elsewhere(worker.name) or not coordinator.is_leader:
+                return
+            if info.tags.get(MASTER_TAG) not in (None, self.master_address):
+                self._orphan(worker.name)
+                return
         if info.state in ("pending", "running") and worker.state == States.NOT_SUBSTANTIATED:
             if self._quarantine.get(worker.name, 0) > self.master.reactor.seconds():
                 # a quarantined instance that came up anyway (a boot that finished late) is
@@ -916,6 +1076,16 @@ class EC2Pool(service.BuildbotService):
                 worker.conn.loseConnection()
             else:
                 worker._deferwaiter.add(worker.insubstantiate())
+
+    def _orphan(self, name: str) -> None:
+        @defer.inlineCallbacks
+        def claim_and_stop():
+            got = yield self.coordinator.claim([name])
+            if got:
+                yield self._stop_unowned(name, "running, claimed by no live master")
+
+        d = claim_and_stop()
+        d.addErrback(log.err, f"ec2-hybrid[{self.name}]: stopping orphan {name}")
 
     # -- status -------------------------------------------------------------------------------
 

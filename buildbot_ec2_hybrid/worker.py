@@ -395,6 +395,8 @@ class EC2PoolWorker(AbstractLatentWorker):
             yield self.client.wait_for_state(iid, {"stopped"}, self.boot_timeout)
             self._log(f"instance {iid} is stopped")
         self._close_stay()
+        if self.pool is not None:
+            self.pool.instance_stopped(self)
         return True
 
     def _close_stay(self) -> None:

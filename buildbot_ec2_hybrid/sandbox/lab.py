@@ -14,6 +14,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from buildbot_ec2_hybrid.ec2 import WRITABLE_TAGS
 from buildbot_ec2_hybrid.sandbox.agent import InstanceAgent
 from buildbot_ec2_hybrid.sandbox.farm import LocalMaster
 from buildbot_ec2_hybrid.sandbox.farm import LocalWorker
@@ -32,7 +33,7 @@ AWS_SECRET = "sandbox-aws-secret"
 
 #: EC2 actions the plugin may ever call
 ALLOWED_ACTIONS = frozenset(
-    {"DescribeInstances", "StartInstances", "StopInstances", "DescribeInstanceStatus"}
+    {"DescribeInstances", "StartInstances", "StopInstances", "DescribeInstanceStatus", "CreateTags"}
 )
 
 
@@ -328,7 +329,12 @@ class SandboxLab:
         allowed_ids |= self._allowed_extras
         bad = []
         for c in self.plugin_calls():
-            if c.action not in ALLOWED_ACTIONS:
+            if c.action == "CreateTags":
+                keys = {v for k, v in c.params.items() if k.startswith("Tag.") and
+                        k.endswith(".Key")}
+                if keys - WRITABLE_TAGS:
+                    bad.append(f"CreateTags {sorted(keys)} on {c.instance_ids}")
+            elif c.action not in ALLOWED_ACTIONS:
                 bad.append(f"{c.action} {c.instance_ids} -> {c.outcome}")
             elif c.action != "DescribeInstances":
                 stray = [i for i in c.instance_ids if i not in allowed_ids]
