@@ -37,6 +37,7 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "ruff>=0.6",
+            "sphinx>=7",
         ],
     },
     entry_points={
