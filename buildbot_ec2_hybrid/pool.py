@@ -90,11 +90,13 @@ class EC2Pool(service.BuildbotService):
             # an instance is one build machine, as in-house machines are
             worker_kwargs.setdefault("max_builds", 1)
             passed = {k: kwargs[k] for k in _WORKER_ARGS if k in kwargs}
+            # a per-worker password (a secret per instance) overrides the pool's
+            own_passwords = kwargs.get("worker_passwords") or {}
             for wname in names:
                 self.workers.append(
                     EC2PoolWorker(
                         wname,
-                        kwargs.get("password"),
+                        own_passwords.get(wname, kwargs.get("password")),
                         vpc_id=kwargs["vpc_id"],
                         pool=self.name,
                         instance_id=instance_ids.get(wname),
@@ -131,6 +133,7 @@ class EC2Pool(service.BuildbotService):
         instance_prices: dict[str, float] | None = None,
         master_address: str | None = None,
         takeover_after: float = 60,
+        worker_passwords: dict[str, Any] | None = None,
         **unknown: Any,
     ) -> None:
         # Every message names the argument and says what to write instead. Values of credential
@@ -211,10 +214,21 @@ class EC2Pool(service.BuildbotService):
                     f"workers: {', '.join(map(repr, twice))} listed more than once: each "
                     "instance is one worker, list each name once"
                 )
-        if password is None or password == "":
+        own = worker_passwords if isinstance(worker_passwords, dict) else {}
+        if worker_passwords is not None and not isinstance(worker_passwords, dict):
+            error("worker_passwords must map worker names to secrets, e.g. "
+                  "worker_passwords={'linux64-ec2-001': util.Secret('ec2-001-password')}")
+        for w in own:
+            if isinstance(workers, (list, tuple)) and w not in workers:
+                error(f"worker_passwords: {w!r} is not one of the pool's workers")
+        covered = isinstance(workers, (list, tuple)) and workers and all(
+            own.get(w) not in (None, "") for w in workers
+        )
+        if (password is None or password == "") and not covered:
             error(
                 "password is missing: give the pool workers' password as a secret, e.g. "
-                "password=util.Secret('ec2-worker-password')"
+                "password=util.Secret('ec2-worker-password'), or one per worker with "
+                "worker_passwords"
             )
         _check_seconds(error, "overflow_after", overflow_after, allow_zero=True,
                        most=7 * 86400, example=60)
@@ -363,6 +377,7 @@ class EC2Pool(service.BuildbotService):
         instance_prices: dict[str, float] | None = None,
         master_address: str | None = None,
         takeover_after: float = 60,
+        worker_passwords: dict[str, Any] | None = None,
     ):
         self.master_address = master_address
         self.takeover_after = float(takeover_after)
@@ -1025,6 +1040,10 @@ class EC2Pool(service.BuildbotService):
                     self._record("refused", name, str(e))
                 self.refused[name] = str(e)
                 self._instances.pop(name, None)
+                if worker.conn is not None and not worker.building:
+                    # it became unusable while running (tag removed, public IP): no more builds
+                    # on it; the worker stops it only if it is still a tagged pool instance
+                    self._suspend(worker, f"refused: {e.reason}")
                 continue
             except ec2.EC2Error as e:
                 self._log(f"could not look up {name}: {e}")

@@ -76,11 +76,14 @@ def check_instance(
             f"it has the public IPv4 address {info.public_ip}; pool instances must live in a "
             "private subnet reachable only over the VPN",
         )
-    if pool is not None and info.tags.get(pool_tag) != pool:
-        found = info.tags.get(pool_tag)
-        have = f"its {pool_tag} tag is {found!r}" if found is not None else f"it has no {pool_tag}"
+    found = info.tags.get(pool_tag)
+    if found is None or (pool is not None and found != pool):
+        # a worker without a pool still needs the tag: the plugin only ever acts on instances an
+        # operator has marked for it
+        have = f"its {pool_tag} tag is {found!r}" if found else f"it has no {pool_tag} tag"
+        want = pool if pool is not None else "<pool name>"
         raise InstanceRefused(
-            worker, iid, f"{have}; tag it {pool_tag}={pool} to put it in the pool"
+            worker, iid, f"{have}; tag it {pool_tag}={want} to put it in the pool"
         )
     if info.state in _GONE_STATES:
         raise InstanceRefused(
@@ -375,10 +378,23 @@ class EC2PoolWorker(AbstractLatentWorker):
             return True
         iid = info.instance_id
         hibernate = bool(self.hibernate and info.hibernation_configured)
+        latest = self.client.latest(iid)
+        if latest is not None and not self._still_ours(latest):
+            # the operator moved it out of the pool (tag removed, other VPC) while it ran: it is
+            # theirs now, and the plugin never touches an instance outside its pool
+            self._log(f"not stopping instance {iid}: it is no longer a tagged pool instance")
+            self._close_stay()
+            return True
         verb = "hibernating" if hibernate else "stopping"
         self._log(f"{verb} instance {iid}")
         try:
-            yield self.client.stop_instance(iid, hibernate=hibernate)
+            try:
+                yield self.client.stop_instance(iid, hibernate=hibernate)
+            except ec2.HibernationUnsupported:
+                # AWS refused the hibernation (not configured, or the instance cannot hibernate
+                # right now): a plain stop still suspends it
+                self._log(f"instance {iid} cannot hibernate now; stopping it instead")
+                yield self.client.stop_instance(iid, hibernate=False)
         except ec2.IncorrectState:
             current = yield self.client.describe(instance_ids=[iid])
             state = current[0].state if current else "unknown"
@@ -388,9 +404,6 @@ class EC2PoolWorker(AbstractLatentWorker):
                 yield self.client.stop_instance(iid, hibernate=False)
             elif state not in ("stopping", "stopped"):
                 raise
-        except ec2.EC2Error as e:
-            if not hibernate or e.kind != "incorrect_state":
-                raise
         if not fast:
             yield self.client.wait_for_state(iid, {"stopped"}, self.boot_timeout)
             self._log(f"instance {iid} is stopped")
@@ -398,6 +411,13 @@ class EC2PoolWorker(AbstractLatentWorker):
         if self.pool is not None:
             self.pool.instance_stopped(self)
         return True
+
+    def _still_ours(self, info: ec2.InstanceInfo) -> bool:
+        if info.vpc_id is not None and info.vpc_id != self.vpc_id:
+            return False
+        return POOL_TAG in info.tags if self.pool_name is None else (
+            info.tags.get(POOL_TAG) == self.pool_name
+        )
 
     def _close_stay(self) -> None:
         if self.running_since is None:
@@ -461,7 +481,8 @@ class EC2PoolWorker(AbstractLatentWorker):
             "ec2_pool": self.pool_name,
             "ec2_adopted": self.adopted,
         }
-        for key in ("ec2_instance_id", "ec2_instance_type", "ec2_availability_zone"):
+        for key in ("ec2_instance_id", "ec2_instance_type", "ec2_availability_zone",
+                    "ec2_private_ip", "ec2_pool"):
             self.info.setProperty(key, workerinfo[key], "EC2")
         yield self.master.data.updates.workerConnected(
             workerid=self.workerid, masterid=self.master.masterid, workerinfo=workerinfo
@@ -486,6 +507,8 @@ class EC2PoolWorker(AbstractLatentWorker):
             # Cold or booting pool workers must not be chosen by the build request distributor:
             # the request would be bound to an instance that is still booting.
             if self.conn is None or self.draining:
+                return False
+            if self.pool is not None and self.name in self.pool.refused:
                 return False
             if self.state not in (States.SUBSTANTIATED, States.SUBSTANTIATING_STARTING):
                 return False
