@@ -18,6 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["buildbot_ec2_hybrid", "buildbot_ec2_hybrid.*"]),
     include_package_data=True,
+    package_data={"buildbot_ec2_hybrid.www": ["static/*"]},
     install_requires=[
         f"buildbot=={BUILDBOT}",
         f"buildbot-worker=={BUILDBOT}",
@@ -38,11 +39,15 @@ setup(
             "pytest-timeout>=2.3",
             "ruff>=0.6",
             "sphinx>=7",
+            "selenium>=4.20",
         ],
     },
     entry_points={
         "buildbot.worker": [
             "EC2PoolWorker = buildbot_ec2_hybrid.worker:EC2PoolWorker",
+        ],
+        "buildbot.www": [
+            "ec2_hybrid = buildbot_ec2_hybrid.www:ep",
         ],
         "buildbot.util": [
             "EC2Pool = buildbot_ec2_hybrid.pool:EC2Pool",

@@ -117,6 +117,7 @@ class Demo:
             f"instances in {fixture.vpc_id} tagged buildbot-ec2-hybrid:pool={POOL}"
         )
         self.say(f"web UI: http://127.0.0.1:{lab.www_port}/#/workers  (EC2 workers by Name)")
+        self.say(f"pool page: http://127.0.0.1:{lab.www_port}/plugins/ec2_hybrid/")
         wait_for(
             lambda: all(lab.rest.worker_connected(n) for n in lab.inhouse_names),
             60,
