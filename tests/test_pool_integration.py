@@ -82,8 +82,13 @@ def test_burst_revives_exactly_what_is_needed_in_one_call(make_lab):
     reqs = lab.wait_requests_complete(brids, timeout=120)
     assert _results(reqs) == [SUCCESS] * 6
     starts = lab.plugin_calls("StartInstances")
-    assert len(starts) == 1, [(c.instance_ids, c.outcome) for c in starts]
-    assert len(starts[0].instance_ids) == 4  # 6 requests - 2 in-house workers
+    # one decision per eligibility time: Buildbot records submission times in whole seconds, so
+    # a burst submitted within one second (the usual case) is revived in a single call
+    seconds = {lab.rest.get(f"buildrequests/{b}")["buildrequests"][0]["submitted_at"]
+               for b in brids}
+    assert len(starts) <= len(seconds), [(c.instance_ids, c.outcome) for c in starts]
+    revived = [i for c in starts for i in c.instance_ids]
+    assert len(revived) == len(set(revived)) == 4  # 6 requests - 2 in-house workers
     used = _workers_of(lab, brids)
     assert sum(1 for w in used if w.startswith(POOL)) == 4
     # the web UI (REST API) shows the EC2 worker under its Name with its instance details
@@ -97,7 +102,7 @@ def test_burst_revives_exactly_what_is_needed_in_one_call(make_lab):
     # idle suspension: every revived instance is stopped again once idle with no backlog
     wait_for(lambda: not lab.running_instances(), 60, what="revived instances suspended")
     stops = lab.plugin_calls("StopInstances")
-    assert {i for c in stops for i in c.instance_ids} == set(starts[0].instance_ids)
+    assert {i for c in stops for i in c.instance_ids} == set(revived)
 
 
 def test_overflow_after_is_honoured(make_lab):

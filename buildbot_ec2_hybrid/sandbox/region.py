@@ -60,6 +60,8 @@ from moto.moto_server.werkzeug_app import create_backend_app
 from werkzeug.serving import BaseWSGIServer
 from werkzeug.serving import make_server
 
+from buildbot_ec2_hybrid.sandbox.iam import Policy
+
 log = logging.getLogger(__name__)
 
 POOL_TAG = "buildbot-ec2-hybrid:pool"
@@ -229,6 +231,7 @@ class SandboxRegion:
         self._stuck: dict[str, str] = {}
         self._unreachable: str | None = None  # None, "refuse" or "drop"
         self._reachable_timer: threading.Timer | None = None
+        self._iam_policy: Policy | None = None
 
         self._app: DomainDispatcherApplication | None = None
         self._server: BaseWSGIServer | None = None
@@ -748,6 +751,36 @@ class SandboxRegion:
         return self._unreachable == "drop" and not path.startswith(CONTROL_PREFIX)
 
     # ----------------------------------------------------------------------------------------
+    # IAM
+
+    def set_iam_policy(self, policy: dict[str, Any] | Policy | None) -> None:
+        """Judge every EC2 call against this identity-based policy (None: allow everything).
+
+        Unlike moto's own IAM checks, this honours instance ARNs and ``ec2:ResourceTag/...``
+        conditions (see :mod:`buildbot_ec2_hybrid.sandbox.iam`). A refused call gets
+        UnauthorizedOperation (HTTP 403) and changes nothing; an allowed DryRun goes on to moto,
+        which answers DryRunOperation as it does with no policy. The policy stays in force
+        across stop() and start().
+        """
+        parsed = policy if isinstance(policy, Policy) or policy is None else Policy(policy)
+        with self._lock:
+            self._iam_policy = parsed
+
+    def _authorize_locked(self, action: str, instance_ids: tuple[str, ...]) -> None:
+        if self._iam_policy is None:
+            return
+        backend = self._backend()
+        tags = {}
+        for instance_id in instance_ids:
+            inst = backend.get_instance_by_id(instance_id)
+            tags[instance_id] = _tags_of(inst) if inst is not None else None
+        denial = self._iam_policy.authorize(
+            action, region=self.region, account_id=self.account_id, instances=tags
+        )
+        if denial is not None:
+            raise _Reject(denial.status, denial.code, denial.message)
+
+    # ----------------------------------------------------------------------------------------
     # states
 
     def _track_locked(self, inst: Any) -> _Track:
@@ -866,6 +899,7 @@ class SandboxRegion:
                         f"This endpoint serves '{self.region}'.",
                     )
                 self._maybe_throttle(action)
+                self._authorize_locked(action, instance_ids)
                 status, headers, payload = self._handle_ec2(environ, action, params, instance_ids)
             except _Reject as reject:
                 status, headers, payload = _error(reject.status, reject.code, reject.message)
