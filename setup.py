@@ -31,6 +31,11 @@ setup(
             "werkzeug>=3.0",
             "requests>=2.31",
         ],
+        # multi-master tests: the WAMP router and PostgreSQL's driver (~400 MB, kept apart)
+        "multimaster": [
+            "crossbar>=26.10",
+            "psycopg2-binary>=2.9",
+        ],
         "test": [
             "moto[ec2,server]>=5.0",
             "werkzeug>=3.0",

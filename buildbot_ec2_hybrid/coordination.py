@@ -105,11 +105,19 @@ class Coordinator:
     def _do(self, fn, *args):
         return self.master.db.pool.do_with_transaction(fn, *args)
 
+    @defer.inlineCallbacks
     def setup(self):
         """Create the coordination tables if this database does not have them yet."""
-        return self.master.db.pool.do_with_engine(
-            lambda engine: metadata.create_all(engine, checkfirst=True)
-        )
+
+        def create(engine):
+            metadata.create_all(engine, checkfirst=True)
+
+        try:
+            yield self.master.db.pool.do_with_engine(create)
+        except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
+            # masters starting together on a new database raced to create the tables: the
+            # other one won; check again
+            yield self.master.db.pool.do_with_engine(create)
 
     # -- heartbeat, lease, claims -------------------------------------------------------------
 

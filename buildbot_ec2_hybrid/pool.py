@@ -522,13 +522,9 @@ class EC2Pool(service.BuildbotService):
         self.decisions = 0
         self._claiming: set[str] = set()
         self._heartbeat_call = None
-        #: set in a multi-master farm: leases and claims in the shared database
+        #: set in a multi-master farm (at bootstrap, once configured): leases and claims in the
+        #: shared database
         self.coordinator: Coordinator | None = None
-        if self.master.config.multiMaster:
-            self.coordinator = Coordinator(
-                self.master, self.name, address=self.master_address,
-                takeover_after=self.takeover_after,
-            )
         yield super().startService()
         mq = self.master.mq
         for path, cb in (
@@ -566,7 +562,14 @@ class EC2Pool(service.BuildbotService):
     @defer.inlineCallbacks
     def _bootstrap_impl(self):
         self._attach_workers()
-        if self.coordinator is not None:
+        if self.master.config.multiMaster:
+            if not self.master_address:
+                self._log("multi-master without master_address: revived instances cannot be "
+                          "told which master to join; set EC2Pool(master_address='host:port')")
+            self.coordinator = Coordinator(
+                self.master, self.name, address=self.master_address,
+                takeover_after=self.takeover_after,
+            )
             yield self.coordinator.setup()
             yield self._heartbeat()
         yield self._load_pending_requests()

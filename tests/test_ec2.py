@@ -469,7 +469,11 @@ def test_boto_client_has_our_retry_and_timeout_config(make_client: Any) -> None:
 
 
 def test_only_describe_start_stop_are_reachable() -> None:
-    assert set(ec2._OPERATIONS) == {"DescribeInstances", "StartInstances", "StopInstances"}
+    # plus CreateTags, limited to the multi-master tag (see the next test)
+    assert set(ec2._OPERATIONS) == {
+        "DescribeInstances", "StartInstances", "StopInstances", "CreateTags"
+    }
+    assert ec2.WRITABLE_TAGS == {"buildbot-ec2-hybrid:master"}
     source = Path(ec2.__file__).read_text()
     tree = ast.parse(source)
     names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
@@ -485,6 +489,17 @@ def test_only_describe_start_stop_are_reachable() -> None:
             imported.add(node.module or "")
     assert not any(m.startswith("moto") or "sandbox" in m for m in imported)
     assert not any("terminat" in a or a.startswith("run") for a in dir(EC2Client))
+
+
+def test_tag_instances_refuses_any_other_tag(reactor_thread: Any) -> None:  # noqa: F811
+    client = EC2Client(_settings("http://127.0.0.1:1"), reactor_thread)
+    try:
+        for tags in ({"Name": "x"}, {"buildbot-ec2-hybrid:pool": "p"}):
+            with pytest.raises(ValueError):
+                call(client.tag_instances, ["i-0123456789abcdef0"], tags)
+        assert client.stats["CreateTags"] == 0
+    finally:
+        call(client.close)
 
 
 def test_shared_client_per_settings_and_reactor(reactor_thread: Any) -> None:  # noqa: F811

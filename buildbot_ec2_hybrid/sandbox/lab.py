@@ -50,6 +50,8 @@ class PoolSpec:
     poll_interval: float = 0.5
     reconcile_interval: float = 10
     name_format: str = "{pool}-{i:03d}"
+    #: multi-master: how long a silent master keeps its lease and claims
+    takeover_after: float = 60
     #: False: only the tagged instances are made, no EC2Pool service (standalone worker tests)
     service: bool = True
 
@@ -228,6 +230,7 @@ class SandboxLab:
                     "boot_timeout": p.boot_timeout,
                     "poll_interval": p.poll_interval,
                     "reconcile_interval": p.reconcile_interval,
+                    "takeover_after": p.takeover_after,
                 }
             )
         builders = []
