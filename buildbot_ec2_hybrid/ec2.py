@@ -859,13 +859,18 @@ class EC2Client:
         filters: Sequence[Mapping[str, Any]] | None = None,
         *,
         missing_ok: bool = False,
+        max_retries: int | None = None,
     ) -> defer.Deferred[list[InstanceInfo]]:
         """Describe instances (all pages; id lists chunked).
 
         Unknown ids make EC2 fail the call: that arrives as NotFound naming them, unless
         ``missing_ok``, in which case unknown ids are simply absent from the result.
+        ``max_retries`` caps the throttling/unreachable retries (a periodic caller that will
+        ask again soon wants few, so that it notices a recovery quickly).
         """
-        return defer.Deferred.fromCoroutine(self._describe(instance_ids, filters, missing_ok))
+        return defer.Deferred.fromCoroutine(
+            self._describe(instance_ids, filters, missing_ok, max_retries)
+        )
 
     async def _describe(
         self,

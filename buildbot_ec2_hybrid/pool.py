@@ -45,6 +45,8 @@ UNHEALTHY_AZ_SECONDS = 300.0
 #: back-off of the whole pool while EC2 throttles every call or cannot be reached
 REGION_BACKOFF_BASE = 2.0
 REGION_BACKOFF_CAP = 60.0
+#: throttling/unreachable retries of the periodic reconcile's describe
+RECONCILE_RETRIES = 2
 
 # the arguments a pool hands to each of its workers unchanged
 _WORKER_ARGS = (
@@ -1006,7 +1008,9 @@ class EC2Pool(service.BuildbotService):
         try:
             for i in range(0, len(names), _NAME_CHUNK):
                 chunk = yield self.client.describe(
-                    filters=[{"Name": "tag:Name", "Values": names[i : i + _NAME_CHUNK]}]
+                    filters=[{"Name": "tag:Name", "Values": names[i : i + _NAME_CHUNK]}],
+                    # the next reconcile asks again: few retries, so a recovery shows soon
+                    max_retries=RECONCILE_RETRIES,
                 )
                 found.extend(chunk)
         except ec2.EC2Error as e:
