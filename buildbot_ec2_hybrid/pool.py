@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import datetime
+import difflib
+import inspect
 import random
 from collections.abc import Iterable
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ from buildbot.config import BuilderConfig
 from buildbot.data import resultspec
 from buildbot.interfaces import LatentWorkerSubstantiatiationCancelled
 from buildbot.util import service
+from buildbot.util.identifiers import isIdentifier
 from buildbot.worker.latent import States
 from twisted.internet import defer
 from twisted.python import log
@@ -27,14 +30,12 @@ from twisted.python.failure import Failure
 
 from buildbot_ec2_hybrid import ec2
 from buildbot_ec2_hybrid import policy
+from buildbot_ec2_hybrid import validation
 from buildbot_ec2_hybrid.coordination import Coordinator
 from buildbot_ec2_hybrid.usage import Stay
 from buildbot_ec2_hybrid.usage import UsageLedger
 from buildbot_ec2_hybrid.worker import BATCH_WINDOW
-from buildbot_ec2_hybrid.worker import INSTANCE_ID_RE
 from buildbot_ec2_hybrid.worker import MASTER_TAG
-from buildbot_ec2_hybrid.worker import REGION_RE
-from buildbot_ec2_hybrid.worker import VPC_ID_RE
 from buildbot_ec2_hybrid.worker import EC2PoolWorker
 from buildbot_ec2_hybrid.worker import InstanceRefused
 from buildbot_ec2_hybrid.worker import check_instance
@@ -138,12 +139,7 @@ class EC2Pool(service.BuildbotService):
         worker_passwords: dict[str, Any] | None = None,
         **unknown: Any,
     ) -> None:
-        # Every message names the argument and says what to write instead. Values of credential
-        # arguments are never echoed: they may be secrets typed into master.cfg.
-        import difflib
-        import inspect
-
-        from buildbot.util.identifiers import isIdentifier
+        # Every message names the argument and says what to write instead.
 
         where = f"EC2Pool {self.name!r}"
 
@@ -152,10 +148,7 @@ class EC2Pool(service.BuildbotService):
             config.error(f"{where}: {msg}")
 
         known = [p for p in inspect.signature(self.checkConfig).parameters if p != "unknown"]
-        for arg in sorted(unknown):
-            close = difflib.get_close_matches(arg, known, n=1)
-            hint = f"did you mean {close[0]}?" if close else f"the arguments are {', '.join(known)}"
-            error(f"unknown argument {arg}: {hint}")
+        validation.unknown_arguments(error, unknown, known)
         name = self.name
         if (
             not isinstance(name, str)
@@ -166,23 +159,8 @@ class EC2Pool(service.BuildbotService):
                 "name: give the pool a name of 1 to 255 letters, digits, spaces or _.:/=+-@ "
                 "(it is the pool tag's value on its instances), e.g. EC2Pool('b2g-aws', ...)"
             )
-        if region is None:
-            error("region is missing: give the AWS region of the pool, e.g. region='us-west-2'")
-        elif not isinstance(region, str) or not REGION_RE.match(region):
-            error(
-                f"region={region!r} is not an AWS region name: give one like region='us-west-2' "
-                "(a region, not an availability zone such as 'us-west-2a')"
-            )
-        if vpc_id is None:
-            error(
-                "vpc_id is missing: give the id of the pool's private VPC, e.g. "
-                "vpc_id='vpc-0123abcd'; instances outside it are never started"
-            )
-        elif not isinstance(vpc_id, str) or not VPC_ID_RE.match(vpc_id):
-            error(
-                f"vpc_id={vpc_id!r} is not a VPC id: give 'vpc-' followed by 8 or 17 lowercase "
-                "hex digits, e.g. vpc_id='vpc-0123abcd'"
-            )
+        validation.check_region(error, region, "the pool")
+        validation.check_vpc(error, vpc_id, "the pool's")
         names: list[str] = []
         if isinstance(workers, str):
             error(
@@ -232,16 +210,18 @@ class EC2Pool(service.BuildbotService):
                 "password=util.Secret('ec2-worker-password'), or one per worker with "
                 "worker_passwords"
             )
-        _check_seconds(error, "overflow_after", overflow_after, allow_zero=True,
-                       most=7 * 86400, example=60)
-        _check_seconds(error, "idle_timeout", idle_timeout, allow_zero=False,
-                       most=7 * 86400, example=3600)
-        _check_seconds(error, "boot_timeout", boot_timeout, allow_zero=False,
-                       most=86400, example=600)
-        _check_seconds(error, "poll_interval", poll_interval, allow_zero=False,
-                       most=300, example=2)
-        _check_seconds(error, "reconcile_interval", reconcile_interval, allow_zero=False,
-                       most=86400, example=300)
+        for field, value, most, example in (
+            ("overflow_after", overflow_after, 7 * 86400, 60),
+            ("idle_timeout", idle_timeout, 7 * 86400, 3600),
+            ("boot_timeout", boot_timeout, 86400, 600),
+            ("poll_interval", poll_interval, 300, 2),
+            ("reconcile_interval", reconcile_interval, 86400, 300),
+            ("takeover_after", takeover_after, 86400, 60),
+        ):
+            validation.check_seconds(
+                error, field, value, allow_zero=field == "overflow_after", most=most,
+                example=example,
+            )
         if (
             all(isinstance(v, (int, float)) for v in (poll_interval, boot_timeout))
             and 0 < boot_timeout <= poll_interval
@@ -257,37 +237,16 @@ class EC2Pool(service.BuildbotService):
                 f"max_running={max_running!r}: give a whole number of instances, 1 or more "
                 "(e.g. max_running=10), or leave it out to allow the whole pool"
             )
-        for field, flag in (("hibernate", hibernate), ("check_peer_address", check_peer_address)):
-            if not isinstance(flag, bool):
-                error(f"{field}={flag!r}: give True or False")
-        if endpoint_url is not None and (
-            not isinstance(endpoint_url, str)
-            or not endpoint_url.startswith(("http://", "https://"))
-        ):
-            error(
-                f"endpoint_url={endpoint_url!r}: give a full URL such as "
-                "'https://ec2.us-west-2.amazonaws.com', or leave it out to use the region's own"
-            )
-        if aws_access_key_id is not None and not isinstance(aws_access_key_id, str):
-            error(
-                "aws_access_key_id must be a plain string (the key id is not secret); give the "
-                "secret key as aws_secret_access_key=util.Secret('...')"
-            )
-        if (aws_access_key_id is None) != (aws_secret_access_key is None):
-            missing = "aws_secret_access_key" if aws_access_key_id else "aws_access_key_id"
-            error(
-                f"{missing} is missing: give both aws_access_key_id and aws_secret_access_key "
-                "(the secret as util.Secret('...')), or neither to use boto3's credential chain "
-                "or aws_profile"
-            )
-        if aws_profile is not None:
-            if not isinstance(aws_profile, str) or not aws_profile:
-                error("aws_profile: give the name of a profile in ~/.aws/config, or leave it out")
-            elif aws_access_key_id is not None:
-                error(
-                    "aws_profile and aws_access_key_id are both given: keep one way of signing "
-                    "in to AWS, remove the other"
-                )
+        validation.check_flags(error, hibernate=hibernate, check_peer_address=check_peer_address)
+        validation.check_aws_access(
+            error,
+            endpoint_url=endpoint_url,
+            aws_profile=aws_profile,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+        )
+        validation.check_address(error, "master_address", master_address)
+        validation.check_prices(error, instance_prices)
         if instance_ids is not None:
             if not isinstance(instance_ids, dict):
                 error(
@@ -302,17 +261,15 @@ class EC2Pool(service.BuildbotService):
                             f"instance_ids: {w!r} is not one of the pool's workers: use a name "
                             "from workers, or add it to workers"
                         )
-                    if not isinstance(iid, str) or not INSTANCE_ID_RE.match(iid):
-                        error(
-                            f"instance_ids[{w!r}]={iid!r} is not an instance id: give 'i-' "
-                            "followed by 8 or 17 hex digits, e.g. 'i-0123456789abcdef0'"
-                        )
-                    elif iid in owner:
+                    valid = validation.check_instance_id(
+                        error, f"instance_ids[{w!r}]", iid, keyword=False
+                    )
+                    if valid and iid in owner:
                         error(
                             f"instance_ids: {iid!r} is given to {owner[iid]!r} and to {w!r}: "
                             "each instance backs one worker, give each its own id"
                         )
-                    else:
+                    elif valid:
                         owner[iid] = w
         if worker_kwargs is not None:
             if not isinstance(worker_kwargs, dict):
@@ -1147,19 +1104,6 @@ class EC2Pool(service.BuildbotService):
                 "region": self.aws.region,
             },
         }
-
-
-def _check_seconds(
-    error, field: str, value: Any, *, allow_zero: bool, most: float, example: float | None = None
-) -> None:
-    # NaN and infinity fail the chained comparison as well
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= most
-    if ok and value == 0 and not allow_zero:
-        ok = False
-    if not ok:
-        low = "0 or more" if allow_zero else "more than 0"
-        hint = f", e.g. {field}={example:g}" if example is not None else ""
-        error(f"{field}={value!r}: give a number of seconds, {low} and at most {most:.0f}{hint}")
 
 
 def pools_of(master) -> list[EC2Pool]:

@@ -12,7 +12,7 @@ cold: only the pool revives it, and the first free worker takes the request.
 
 from __future__ import annotations
 
-import re
+import inspect
 import time
 from typing import TYPE_CHECKING
 from typing import Any
@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.python import log
 
 from buildbot_ec2_hybrid import ec2
+from buildbot_ec2_hybrid import validation
 
 if TYPE_CHECKING:
     from buildbot_ec2_hybrid.pool import EC2Pool
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
 POOL_TAG = "buildbot-ec2-hybrid:pool"
 MASTER_TAG = "buildbot-ec2-hybrid:master"
 
-VPC_ID_RE = re.compile(r"^vpc-[0-9a-f]{8}([0-9a-f]{9})?$")
-INSTANCE_ID_RE = re.compile(r"^i-[0-9a-f]{8}([0-9a-f]{9})?$")
-REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
 
 #: states from which an instance can be revived, adopted or waited out
 _LIVE_STATES = {"pending", "running"}
@@ -121,11 +119,7 @@ class EC2PoolWorker(AbstractLatentWorker):
         **kwargs: Any,
     ) -> None:
         # password, vpc_id and region default to None here only so that leaving one out is
-        # reported with its fix rather than as a TypeError. Values of credential arguments are
-        # never echoed: they may be secrets typed into master.cfg.
-        import difflib
-        import inspect
-
+        # reported with its fix rather than as a TypeError.
         where = f"EC2PoolWorker {name!r}"
 
         def error(msg: str) -> None:
@@ -137,91 +131,41 @@ class EC2PoolWorker(AbstractLatentWorker):
             if method is not None:
                 base.update(inspect.signature(method).parameters)
         base -= {"self", "args", "kwargs", "name", "password"}
-        for arg in sorted(set(kwargs) - base):
-            known = (base | set(inspect.signature(self.checkConfig).parameters)) - {"kwargs"}
-            close = difflib.get_close_matches(arg, sorted(known), n=1)
-            hint = f"did you mean {close[0]}?" if close else "remove it"
-            error(f"unknown argument {arg}: {hint}")
+        unknown = set(kwargs) - base
+        own = set(inspect.signature(self.checkConfig).parameters)
+        validation.unknown_arguments(error, unknown, (base | own) - {"kwargs"})
+        for arg in unknown:
             del kwargs[arg]
         if password is None or password == "":
             error(
                 "password is missing: give it after the name, e.g. EC2PoolWorker("
                 f"{name!r}, util.Secret('ec2-worker-password'), ...)"
             )
-        if vpc_id is None:
-            error(
-                "vpc_id is missing: give the id of the instance's private VPC, e.g. "
-                "vpc_id='vpc-0123abcd'; an instance outside it is never started"
-            )
-        elif not isinstance(vpc_id, str) or not VPC_ID_RE.match(vpc_id):
-            error(
-                f"vpc_id={vpc_id!r} is not a VPC id: give 'vpc-' followed by 8 or 17 lowercase "
-                "hex digits, e.g. vpc_id='vpc-0123abcd'"
-            )
-        if region is None:
-            error("region is missing: give the instance's AWS region, e.g. region='us-west-2'")
-        elif not isinstance(region, str) or not REGION_RE.match(region):
-            error(
-                f"region={region!r} is not an AWS region name: give one like region='us-west-2' "
-                "(a region, not an availability zone such as 'us-west-2a')"
-            )
+        validation.check_vpc(error, vpc_id, "the instance's")
+        validation.check_region(error, region, "the instance")
         if pool is not None and (not isinstance(pool, str) or not pool):
             error(
                 f"pool={pool!r}: give the value of the instance's pool tag, e.g. pool='b2g-aws', "
                 "or leave it out"
             )
-        if instance_id is not None and (
-            not isinstance(instance_id, str) or not INSTANCE_ID_RE.match(instance_id)
-        ):
-            error(
-                f"instance_id={instance_id!r} is not an instance id: give 'i-' followed by 8 or "
-                "17 hex digits, e.g. instance_id='i-0123456789abcdef0', or leave it out to find "
-                "the instance by its Name tag"
+        if instance_id is not None:
+            validation.check_instance_id(
+                error, "instance_id", instance_id,
+                alternative=", or leave it out to find the instance by its Name tag",
             )
-        for field, value, most, example in (
-            ("boot_timeout", boot_timeout, 86400, 600),
-            ("poll_interval", poll_interval, 300, 2),
-        ):
-            # NaN and infinity fail the chained comparison as well
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                0 < value <= most
-            ):
-                error(
-                    f"{field}={value!r}: give a number of seconds, more than 0 and at most "
-                    f"{most}, e.g. {field}={example}"
-                )
-        for field, flag in (
-            ("hibernate", hibernate),
-            ("check_peer_address", check_peer_address),
-            ("pool_managed", pool_managed),
-        ):
-            if not isinstance(flag, bool):
-                error(f"{field}={flag!r}: give True or False")
-        if endpoint_url is not None and (
-            not isinstance(endpoint_url, str)
-            or not endpoint_url.startswith(("http://", "https://"))
-        ):
-            error(
-                f"endpoint_url={endpoint_url!r}: give a full URL such as "
-                "'https://ec2.us-west-2.amazonaws.com', or leave it out to use the region's own"
-            )
-        if aws_access_key_id is not None and not isinstance(aws_access_key_id, str):
-            error(
-                "aws_access_key_id must be a plain string (the key id is not secret); give the "
-                "secret key as aws_secret_access_key=util.Secret('...')"
-            )
-        if (aws_access_key_id is None) != (aws_secret_access_key is None):
-            missing = "aws_secret_access_key" if aws_access_key_id else "aws_access_key_id"
-            error(
-                f"{missing} is missing: give both aws_access_key_id and aws_secret_access_key "
-                "(the secret as util.Secret('...')), or neither to use boto3's credential chain "
-                "or aws_profile"
-            )
-        if aws_profile is not None and aws_access_key_id is not None:
-            error(
-                "aws_profile and aws_access_key_id are both given: keep one way of signing in to "
-                "AWS, remove the other"
-            )
+        validation.check_seconds(error, "boot_timeout", boot_timeout, most=86400, example=600)
+        validation.check_seconds(error, "poll_interval", poll_interval, most=300, example=2)
+        validation.check_flags(
+            error, hibernate=hibernate, check_peer_address=check_peer_address,
+            pool_managed=pool_managed,
+        )
+        validation.check_aws_access(
+            error,
+            endpoint_url=endpoint_url,
+            aws_profile=aws_profile,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+        )
         kwargs.setdefault("missing_timeout", boot_timeout)
         super().checkConfig(name, password, **kwargs)
 
