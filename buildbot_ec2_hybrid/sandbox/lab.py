@@ -106,8 +106,32 @@ class SandboxLab:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> SandboxLab:
-        spec = self.spec
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.start_region()
+        self.master = LocalMaster(
+            self.workdir / "master",
+            SANDBOX_CFG.read_text(),
+            pb_port=self.pb_port,
+            www_port=self.www_port,
+        )
+        self.write_master_settings()
+        self.master.create()
+        self.master.start()
+        self.start_agent(f"127.0.0.1:{self.pb_port}")
+        for name in self.inhouse_names:
+            w = LocalWorker(
+                self.workdir / "inhouse" / name,
+                name,
+                INHOUSE_PASSWORD,
+                master=f"127.0.0.1:{self.pb_port}",
+            )
+            w.start()
+            self.inhouse.append(w)
+        return self
+
+    def start_region(self) -> None:
+        """The sandbox region with the pools' stopped instances and the extra instances."""
+        spec = self.spec
         self.region = SandboxRegion(
             pending_seconds=spec.pending_seconds,
             stopping_seconds=spec.stopping_seconds,
@@ -122,34 +146,20 @@ class SandboxLab:
                 hibernation=pool.hibernation_configured,
             )
         self._create_extra_instances()
-        self.master = LocalMaster(
-            self.workdir / "master",
-            SANDBOX_CFG.read_text(),
-            pb_port=self.pb_port,
-            www_port=self.www_port,
-        )
-        self.write_master_settings()
-        self.master.create()
-        self.master.start()
+
+    def start_agent(self, master: str) -> None:
+        """The instance agent: a real worker process per running instance, sent to ``master``
+        unless the instance's master tag says otherwise."""
+        assert self.region is not None
         self.agent = InstanceAgent(
             views=self.region.instance_views,
             subscribe=self.region.add_listener,
-            master=f"127.0.0.1:{self.pb_port}",
+            master=master,
             password=WORKER_PASSWORD,
-            boot_delay=spec.boot_delay,
+            boot_delay=self.spec.boot_delay,
             disks_dir=self.workdir / "disks",
         )
         self.agent.start()
-        for name in self.inhouse_names:
-            w = LocalWorker(
-                self.workdir / "inhouse" / name,
-                name,
-                INHOUSE_PASSWORD,
-                master=f"127.0.0.1:{self.pb_port}",
-            )
-            w.start()
-            self.inhouse.append(w)
-        return self
 
     def _create_extra_instances(self) -> None:
         assert self.region is not None

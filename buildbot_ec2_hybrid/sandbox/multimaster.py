@@ -35,7 +35,6 @@ from typing import Any
 
 import requests
 
-from buildbot_ec2_hybrid.sandbox.agent import InstanceAgent
 from buildbot_ec2_hybrid.sandbox.farm import FarmError
 from buildbot_ec2_hybrid.sandbox.farm import LocalMaster
 from buildbot_ec2_hybrid.sandbox.farm import LocalWorker
@@ -52,7 +51,6 @@ from buildbot_ec2_hybrid.sandbox.lab import SANDBOX_CFG
 from buildbot_ec2_hybrid.sandbox.lab import WORKER_PASSWORD
 from buildbot_ec2_hybrid.sandbox.lab import LabSpec
 from buildbot_ec2_hybrid.sandbox.lab import SandboxLab
-from buildbot_ec2_hybrid.sandbox.region import SandboxRegion
 
 log = logging.getLogger(__name__)
 
@@ -585,36 +583,13 @@ class MultiMasterLab(SandboxLab):
         return self
 
     def _start(self) -> None:
-        spec = self.spec
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._start_infra()
-        # as SandboxLab.start() does (see the module's report: start_region() would share it)
-        self.region = SandboxRegion(
-            pending_seconds=spec.pending_seconds,
-            stopping_seconds=spec.stopping_seconds,
-            hibernate_resume_seconds=spec.hibernate_resume_seconds,
-        )
-        self.region.start()
-        for pool in spec.pools:
-            self.fixtures[pool.name] = self.region.create_pool(
-                pool.name,
-                pool.size,
-                name_format=pool.name_format,
-                hibernation=pool.hibernation_configured,
-            )
-        self._create_extra_instances()
+        self.start_region()
         # master 0 alone runs upgrade-master, which creates the schema; the others share it
         for _ in range(self.n_masters):
             self.add_master()
-        self.agent = InstanceAgent(
-            views=self.region.instance_views,
-            subscribe=self.region.add_listener,
-            master=self.masters[0].pb_address,
-            password=WORKER_PASSWORD,
-            boot_delay=spec.boot_delay,
-            disks_dir=self.workdir / "disks",
-        )
-        self.agent.start()
+        self.start_agent(self.masters[0].pb_address)
         for name in self.inhouse_names:
             self.move_worker(name, self.master_of(name))
 
