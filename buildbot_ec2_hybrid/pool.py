@@ -429,13 +429,24 @@ class EC2Pool(service.BuildbotService):
         pool_names = frozenset(self.workernames)
         overflow_after = self.overflow_after
 
+        pool_name = self.name
+
+        @defer.inlineCallbacks
         def can_start(builder, wfb, request):
             if wfb.worker.name in pool_names and request.submittedAt is not None:
                 waited = builder.master.reactor.seconds() - request.submittedAt
                 if waited < overflow_after:
                     return False
             if user_gate is not None:
-                return user_gate(builder, wfb, request)
+                allowed = yield user_gate(builder, wfb, request)
+                if not allowed:
+                    return False
+            # The build starts now, but the "claimed" event may come back later (with several
+            # masters it goes round the WAMP router): stop counting the request as backlog at
+            # once, or the pool would revive an instance for a request that is being built.
+            for pool in pools_of(builder.master):
+                if pool.name == pool_name:
+                    pool.request_starting(request.id)
             return True
 
         can_start.pool_name = self.name  # type: ignore[attr-defined]
@@ -515,6 +526,13 @@ class EC2Pool(service.BuildbotService):
         yield super().stopService()
 
     def _bootstrap(self):
+        if self._stopping:
+            return
+        registry = self.master.workers.workers
+        if any(not hasattr(registry.get(n), "aws") for n in self.workernames):
+            # the worker manager configures its workers in this start-up too: look again soon
+            self.master.reactor.callLater(0.2, self._bootstrap)
+            return
         d = self._bootstrap_impl()
         d.addErrback(log.err, f"ec2-hybrid[{self.name}]: start-up failed")
 
@@ -531,7 +549,7 @@ class EC2Pool(service.BuildbotService):
             )
             yield self.coordinator.setup()
             yield self._heartbeat()
-        yield self._load_pending_requests()
+        yield self._resync_requests()
         yield self.reconcile()
         self._arm_reconcile()
         self._arm_heartbeat()
@@ -565,17 +583,6 @@ class EC2Pool(service.BuildbotService):
             name = self._builder_names.get(builderid)
         return name
 
-    @defer.inlineCallbacks
-    def _load_pending_requests(self):
-        brs = yield self.master.data.get(
-            ("buildrequests",),
-            filters=[
-                resultspec.Filter("claimed", "eq", [False]),
-                resultspec.Filter("complete", "eq", [False]),
-            ],
-        )
-        for br in brs:
-            yield self._track_request(br)
 
     @defer.inlineCallbacks
     def _track_request(self, br: dict[str, Any]):
@@ -588,6 +595,29 @@ class EC2Pool(service.BuildbotService):
         submitted = _epoch(br["submitted_at"])
         self._requests[brid] = (name, submitted)
         self.demand.add(name, submitted)
+
+    def request_starting(self, brid: int) -> None:
+        """A build is starting for this request on this master (the pool's builder gate)."""
+        if brid in self._requests:
+            self._untrack_request(brid)
+            self.schedule_decision()
+
+    @defer.inlineCallbacks
+    def _resync_requests(self):
+        """Make the backlog picture equal to the database's unclaimed requests again (a request
+        whose build failed to start after the gate, an event lost with a master)."""
+        brs = yield self.master.data.get(
+            ("buildrequests",),
+            filters=[
+                resultspec.Filter("claimed", "eq", [False]),
+                resultspec.Filter("complete", "eq", [False]),
+            ],
+        )
+        pending = {br["buildrequestid"] for br in brs}
+        for brid in [b for b in self._requests if b not in pending]:
+            self._untrack_request(brid)
+        for br in brs:
+            yield self._track_request(br)
 
     def _untrack_request(self, brid: int) -> None:
         entry = self._requests.pop(brid, None)
@@ -709,8 +739,10 @@ class EC2Pool(service.BuildbotService):
         )
         self.decisions += 1
         workers = {w.name: w for w in self.live_workers()}
-        if plan.revive and self.coordinator is not None and not self.coordinator.is_leader:
-            plan.revive = []  # the leading master revives for everyone
+        if self.coordinator is not None and not self.coordinator.is_leader:
+            # the leading master revives for everyone, and reports what it cannot cover
+            plan.revive = []
+            plan.unmet = {}
         if plan.revive and now < self._region_backoff_until:
             # EC2 itself is throttling us or unreachable: hold revivals until the back-off ends
             # rather than blaming (and quarantining) one instance after another
@@ -904,10 +936,10 @@ class EC2Pool(service.BuildbotService):
                     self._unhealthy_azs[info.availability_zone] = now + UNHEALTHY_AZ_SECONDS
             self._quarantine[worker.name] = now + delay
             self._record(
-                "quarantine", worker.name, f"{failure.getErrorMessage()} (for {delay:.0f}s)"
+                "quarantine", worker.name, f"{_describe_failure(failure)} (for {delay:.0f}s)"
             )
             self._log(
-                f"revival of {worker.name} failed: {failure.getErrorMessage()}; "
+                f"revival of {worker.name} failed: {_describe_failure(failure)}; "
                 f"quarantined for {delay:.0f}s"
             )
         self.schedule_decision()
@@ -947,8 +979,13 @@ class EC2Pool(service.BuildbotService):
             self.reconcile_interval, self._periodic_reconcile
         )
 
+    @defer.inlineCallbacks
+    def _reconcile_all(self):
+        yield self._resync_requests()
+        yield self.reconcile()
+
     def _periodic_reconcile(self):
-        d = self.reconcile()
+        d = self._reconcile_all()
         d.addErrback(log.err, f"ec2-hybrid[{self.name}]: reconcile failed")
         d.addBoth(lambda _: self._arm_reconcile())
 
@@ -1104,6 +1141,12 @@ class EC2Pool(service.BuildbotService):
                 "region": self.aws.region,
             },
         }
+
+
+def _describe_failure(failure) -> str:
+    if isinstance(failure.value, defer.TimeoutError):
+        return "its worker did not connect within boot_timeout"
+    return failure.getErrorMessage() or type(failure.value).__name__
 
 
 def pools_of(master) -> list[EC2Pool]:
