@@ -35,6 +35,14 @@ class PolicyConfig:
     overflow_after: float = 60.0
     idle_timeout: float = 3600.0
     max_running: int = 1_000_000
+    #: Adaptive idle timeout (off when None). An idle worker all of whose builders have a free
+    #: in-house worker is suspended after ``idle_grace`` seconds instead of ``idle_timeout``:
+    #: new requests for those builders go in-house first, so keeping the instance is paying to
+    #: wait for demand that is not coming, and past the cost of one revival (the seconds an
+    #: instance is billed while it boots, see :func:`break_even_idle`) keeping it costs more
+    #: than reviving it later. While the in-house fleet of any of its builders is saturated the
+    #: next request will overflow, and ``idle_timeout`` applies.
+    idle_grace: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,18 @@ class Demand:
         return sum(len(t) for t in self._pending.values())
 
 
+def break_even_idle(boot_billed: float, min_billed: float = 60.0) -> float:
+    """Seconds of idling that cost as much as one stop and revival.
+
+    A revival pays for the seconds the instance runs before its worker connects
+    (``boot_billed``), and a run shorter than EC2's minimum billed time (``min_billed``, 60 s
+    for per-second billing) is charged that minimum anyway. Keeping an idle instance longer than
+    this is the "rent" that exceeds the "buy" in the ski-rental sense: suspending then costs at
+    most twice what a clairvoyant policy pays for the same gap.
+    """
+    return max(float(boot_billed), float(min_billed))
+
+
 def _earliest(*values: float | None) -> float | None:
     present = [v for v in values if v is not None]
     return min(present) if present else None
@@ -172,15 +192,16 @@ def decide(
     stopped: list[WorkerView] = []
     az_load: dict[str, int] = {}
     for w in workers:
-        if w.phase in RUNNING_PHASES:
+        phase = w.phase
+        if phase in RUNNING_PHASES:
             running += 1
             if w.availability_zone:
                 az_load[w.availability_zone] = az_load.get(w.availability_zone, 0) + 1
-        if w.phase is Phase.BOOTING and w.booked_for and need.get(w.booked_for):
+        if phase is Phase.BOOTING and w.booked_for and need.get(w.booked_for):
             need[w.booked_for] -= 1
-        elif w.phase is Phase.IDLE:
+        elif phase is Phase.IDLE:
             idle.append(w)
-        elif w.phase is Phase.STOPPED:
+        elif phase is Phase.STOPPED:
             if w.quarantined_until is not None and w.quarantined_until > now:
                 wake_at = _earliest(wake_at, w.quarantined_until)
             else:
@@ -189,13 +210,18 @@ def decide(
     # Idle connected workers will be handed the eligible requests by Buildbot itself: count them
     # as supply (preferring the builder they built last) so that nothing extra is revived.
     claimed_idle: set[str] = set()
-    for w in sorted(idle, key=lambda v: v.name):
-        targets = [b for b in w.builders if need.get(b)]
-        if not targets:
-            continue
-        builder = w.last_builder if w.last_builder in targets else min(targets)
-        need[builder] -= 1
-        claimed_idle.add(w.name)
+    wanting = sorted(b for b, n in need.items() if n > 0)
+    if wanting and idle:
+        for w in sorted(idle, key=lambda v: v.name):
+            if not wanting:
+                break
+            builder = _idle_target(w, need, wanting)
+            if builder is None:
+                continue
+            need[builder] -= 1
+            if not need[builder]:
+                wanting.remove(builder)
+            claimed_idle.add(w.name)
 
     # Serve the longest-waiting backlog first.
     order = sorted(
@@ -203,16 +229,13 @@ def decide(
         key=lambda b: (demand.oldest(b) or now, b),
     )
     capacity = max(0, config.max_running - running)
-    taken: set[str] = set()
+    picker = _Picker(stopped, az_load, unhealthy) if order and capacity and stopped else None
     for builder in order:
         wanted = need[builder]
-        candidates = [w for w in stopped if builder in w.builders and w.name not in taken]
-        while wanted > 0 and capacity > 0 and candidates:
-            choice = min(candidates, key=lambda w: _revival_rank(w, builder, az_load, unhealthy))
-            candidates.remove(choice)
-            taken.add(choice.name)
-            if choice.availability_zone:
-                az_load[choice.availability_zone] = az_load.get(choice.availability_zone, 0) + 1
+        while picker is not None and wanted > 0 and capacity > 0:
+            choice = picker.pick(builder)
+            if choice is None:
+                break
             warm = " (warm disk)" if choice.last_builder == builder else ""
             plan.revive.append(
                 Revival(choice.name, builder, f"{builder} has {need[builder]} eligible{warm}")
@@ -222,21 +245,113 @@ def decide(
         if wanted > 0:
             plan.unmet[builder] = wanted
 
+    pending = frozenset(demand.builders())
+    grace = config.idle_grace
+    adaptive = grace is not None and grace < config.idle_timeout
+    saturated: dict[int, bool] = {}
     for w in idle:
         if w.name in claimed_idle or w.idle_since is None:
             continue
-        if any(demand.count(b) for b in w.builders):
+        if not pending.isdisjoint(w.builders):
             continue
-        expires = w.idle_since + config.idle_timeout
+        timeout = config.idle_timeout
+        if adaptive:
+            key = id(w.builders)
+            full = saturated.get(key)
+            if full is None:
+                full = saturated[key] = any(free.get(b, 0) <= 0 for b in w.builders)
+            if not full:
+                timeout = grace  # type: ignore[assignment]
+        expires = w.idle_since + timeout
         if expires <= now:
+            why = "" if timeout == config.idle_timeout else ", its builders' in-house workers free"
             plan.suspend.append(
-                Suspension(w.name, f"idle {now - w.idle_since:.0f}s, no backlog on its builders")
+                Suspension(
+                    w.name, f"idle {now - w.idle_since:.0f}s, no backlog on its builders{why}"
+                )
             )
         else:
             wake_at = _earliest(wake_at, expires)
 
     plan.wake_at = wake_at
     return plan
+
+
+def _idle_target(w: WorkerView, need: Mapping[str, int], wanting: list[str]) -> str | None:
+    """The builder an idle worker will serve: the one it built last if that one wants workers,
+    else the alphabetically first wanting builder it serves (whichever side is smaller is
+    scanned, so thousands of idle workers on hundreds of builders stay cheap)."""
+    last = w.last_builder
+    if last is not None and need.get(last, 0) > 0 and last in w.builders:
+        return last
+    if len(w.builders) < len(wanting):
+        targets = [b for b in w.builders if need.get(b, 0) > 0]
+        return min(targets) if targets else None
+    for b in wanting:
+        if b in w.builders:
+            return b
+    return None
+
+
+class _Picker:
+    """Chooses stopped workers in :func:`_revival_rank` order without rescanning the pool.
+
+    Within one availability zone the rank of every candidate shares the AZ's health and load,
+    so the best one is the first warm worker for the builder by name, else the first by name:
+    keep per-AZ name-sorted lists with a cursor per (AZ, builder) and compare only the AZs'
+    heads. A pick costs O(AZs) plus the cursor moves, instead of a scan of every stopped worker.
+    """
+
+    def __init__(
+        self, stopped: list[WorkerView], az_load: dict[str, int], unhealthy: frozenset[str]
+    ) -> None:
+        self._az_load = az_load
+        self._unhealthy = unhealthy
+        self._by_az: dict[str, list[WorkerView]] = {}
+        self._warm: dict[tuple[str, str], list[WorkerView]] = {}
+        for w in sorted(stopped, key=lambda v: v.name):
+            az = w.availability_zone or ""
+            self._by_az.setdefault(az, []).append(w)
+            if w.last_builder is not None:
+                self._warm.setdefault((az, w.last_builder), []).append(w)
+        self._cold_at: dict[tuple[str, str], int] = {}
+        self._warm_at: dict[tuple[str, str], int] = {}
+        self._taken: set[str] = set()
+
+    def _first(
+        self, items: list[WorkerView], cursors: dict[tuple[str, str], int], key: tuple[str, str]
+    ) -> WorkerView | None:
+        builder = key[1]
+        i = cursors.get(key, 0)
+        taken = self._taken
+        while i < len(items):
+            w = items[i]
+            if w.name not in taken and builder in w.builders:
+                break
+            i += 1
+        cursors[key] = i
+        return items[i] if i < len(items) else None
+
+    def pick(self, builder: str) -> WorkerView | None:
+        best: WorkerView | None = None
+        best_rank: tuple | None = None
+        for az, items in self._by_az.items():
+            key = (az, builder)
+            warm = self._warm.get(key)
+            w = self._first(warm, self._warm_at, key) if warm else None
+            if w is None:
+                w = self._first(items, self._cold_at, key)
+                if w is None:
+                    continue
+            rank = _revival_rank(w, builder, self._az_load, self._unhealthy)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = w, rank
+        if best is not None:
+            self._taken.add(best.name)
+            if best.availability_zone:
+                az = best.availability_zone
+                self._az_load[az] = self._az_load.get(az, 0) + 1
+        return best
 
 
 def _revival_rank(

@@ -153,3 +153,138 @@ def test_free_inhouse_workers_cover_backlog_first():
     plan = decide(demand, workers, PolicyConfig(overflow_after=0), now=10,
                   inhouse_free={"b2g": 5})
     assert plan.revive == []
+
+
+# -- the fast decision must decide exactly what the straightforward one did -------------------
+
+
+def _reference_decide(demand, workers, config, now, unhealthy_azs=(), inhouse_free=None):
+    """The first, quadratic formulation of ``decide``'s revivals and idle claims, kept to check
+    the indexed one against on random pools."""
+    unhealthy = frozenset(unhealthy_azs)
+    free = inhouse_free or {}
+    need = {}
+    for b in demand.builders():
+        n = demand.eligible(b, now, config.overflow_after) - free.get(b, 0)
+        if n > 0:
+            need[b] = n
+    running, idle, stopped, az_load = 0, [], [], {}
+    for w in workers:
+        if w.phase in (Phase.BOOTING, Phase.IDLE, Phase.BUSY, Phase.STOPPING):
+            running += 1
+            if w.availability_zone:
+                az_load[w.availability_zone] = az_load.get(w.availability_zone, 0) + 1
+        if w.phase is Phase.BOOTING and w.booked_for and need.get(w.booked_for):
+            need[w.booked_for] -= 1
+        elif w.phase is Phase.IDLE:
+            idle.append(w)
+        elif w.phase is Phase.STOPPED and not (
+            w.quarantined_until is not None and w.quarantined_until > now
+        ):
+            stopped.append(w)
+    for w in sorted(idle, key=lambda v: v.name):
+        targets = [b for b in w.builders if need.get(b)]
+        if targets:
+            need[w.last_builder if w.last_builder in targets else min(targets)] -= 1
+    order = sorted((b for b, n in need.items() if n > 0),
+                   key=lambda b: (demand.oldest(b) or now, b))
+    capacity = max(0, config.max_running - running)
+    taken, revive, unmet = set(), [], {}
+    for b in order:
+        wanted = need[b]
+        cands = [w for w in stopped if b in w.builders and w.name not in taken]
+        while wanted > 0 and capacity > 0 and cands:
+            def rank(w, b=b):
+                az = w.availability_zone or ""
+                return (az in unhealthy, w.last_builder != b, az_load.get(az, 0), w.name)
+
+            choice = min(cands, key=rank)
+            cands.remove(choice)
+            taken.add(choice.name)
+            if choice.availability_zone:
+                az_load[choice.availability_zone] = az_load.get(choice.availability_zone, 0) + 1
+            revive.append((choice.name, b))
+            wanted -= 1
+            capacity -= 1
+        if wanted > 0:
+            unmet[b] = wanted
+    return revive, unmet
+
+
+def test_indexed_decision_matches_reference_on_random_pools():
+    import random
+
+    rng = random.Random(7)
+    builders = [f"b{i}" for i in range(6)]
+    checked = 0
+    for _ in range(400):
+        pending = {b: [rng.uniform(0, 100) for _ in range(rng.randint(0, 8))]
+                   for b in rng.sample(builders, rng.randint(0, 6))}
+        workers = []
+        for i in range(rng.randint(0, 25)):
+            serves = frozenset(rng.sample(builders, rng.randint(1, 6)))
+            phase = rng.choice([Phase.STOPPED] * 3 + [Phase.IDLE, Phase.BOOTING, Phase.BUSY,
+                                                      Phase.STOPPING, Phase.UNUSABLE])
+            workers.append(WorkerView(
+                f"w{rng.randint(0, 999):03d}-{i}", phase, serves,
+                rng.choice(["a", "b", "c", None]),
+                rng.choice([None, *builders]),
+                idle_since=rng.uniform(0, 100) if phase is Phase.IDLE else None,
+                booked_for=rng.choice([None, *builders]) if phase is Phase.BOOTING else None,
+                quarantined_until=rng.choice([None, None, 50.0, 500.0]),
+            ))
+        cfg = PolicyConfig(overflow_after=rng.choice([0, 10, 60]),
+                           max_running=rng.randint(1, 30))
+        free = {b: rng.randint(0, 3) for b in rng.sample(builders, 2)}
+        unhealthy = set(rng.sample(["a", "b", "c"], rng.randint(0, 1)))
+        plan = decide(Demand(pending), workers, cfg, now=100.0, unhealthy_azs=unhealthy,
+                      inhouse_free=free)
+        revive, unmet = _reference_decide(Demand(pending), workers, cfg, 100.0, unhealthy, free)
+        assert [(r.worker, r.builder) for r in plan.revive] == revive
+        assert plan.unmet == unmet
+        checked += bool(revive)
+    assert checked > 50  # the random pools did exercise revivals
+
+
+# -- adaptive idle timeout (idle_grace) --------------------------------------------------------
+
+
+def test_idle_grace_suspends_early_when_inhouse_has_room():
+    cfg = PolicyConfig(idle_timeout=3600, idle_grace=120)
+    w = WorkerView("w", Phase.IDLE, B, "a", "b2g", idle_since=1000)
+    # in-house has a free worker for b2g: new requests go there; keep only for the grace
+    plan = decide(Demand(), [w], cfg, now=1119, inhouse_free={"b2g": 1})
+    assert plan.suspend == []
+    assert plan.wake_at == 1120
+    plan = decide(Demand(), [w], cfg, now=1120, inhouse_free={"b2g": 1})
+    assert [s.worker for s in plan.suspend] == ["w"]
+    assert "in-house workers free" in plan.suspend[0].reason
+
+
+def test_idle_grace_keeps_full_timeout_while_inhouse_saturated():
+    cfg = PolicyConfig(idle_timeout=3600, idle_grace=120)
+    both = frozenset({"b2g", "android"})
+    w = WorkerView("w", Phase.IDLE, both, "a", "b2g", idle_since=1000)
+    # android's in-house fleet is full: its next request overflows, so keep the instance
+    plan = decide(Demand(), [w], cfg, now=2000, inhouse_free={"b2g": 3})
+    assert plan.suspend == []
+    assert plan.wake_at == 4600
+    plan = decide(Demand(), [w], cfg, now=4600, inhouse_free={"b2g": 3})
+    assert [s.worker for s in plan.suspend] == ["w"]
+
+
+def test_idle_grace_never_suspends_with_backlog_and_is_off_by_default():
+    w = WorkerView("w", Phase.IDLE, B, "a", "b2g", idle_since=0)
+    cfg = PolicyConfig(idle_timeout=3600, idle_grace=10)
+    plan = decide(Demand({"b2g": [999]}), [w], cfg, now=1000, inhouse_free={"b2g": 1})
+    assert plan.suspend == []
+    plan = decide(Demand(), [w], PolicyConfig(idle_timeout=3600), now=1000,
+                  inhouse_free={"b2g": 1})
+    assert plan.suspend == [] and plan.wake_at == 3600
+
+
+def test_break_even_idle():
+    from buildbot_ec2_hybrid.policy import break_even_idle
+
+    assert break_even_idle(25) == 60  # EC2 bills at least a minute per start
+    assert break_even_idle(90) == 90
