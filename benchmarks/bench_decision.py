@@ -70,58 +70,6 @@ class Obj:
         self.__dict__.update(kw)
 
 
-class IndexedPool(EC2Pool):
-    """The same bookkeeping with its per-builder scans cached (a proposal for pool.py, measured
-    here beside the code as it is): which builders overflow, each pool worker's builder set (one
-    shared frozenset), and each builder's in-house links, rebuilt only when the builders'
-    configuration or their worker links change."""
-
-    def _index(self):
-        builders = self.master.botmaster.builders
-        key = tuple((n, id(b.config), len(b.workers)) for n, b in builders.items())
-        if getattr(self, "_index_key", None) != key:
-            pool = set(self.workernames)
-            overflow = {
-                n: b for n, b in builders.items()
-                if b.config is not None and not pool.isdisjoint(b.config.workernames)
-            }
-            shared: dict[frozenset, frozenset] = {}
-            by_worker: dict[str, set[str]] = {}
-            for n, b in overflow.items():
-                for w in b.config.workernames:
-                    if w in pool:
-                        by_worker.setdefault(w, set()).add(n)
-            builders_of = {}
-            for w, names in by_worker.items():
-                fs = frozenset(names)
-                builders_of[w] = shared.setdefault(fs, fs)
-            inhouse = {
-                n: [wfb for wfb in b.workers if wfb.worker is not None
-                    and wfb.worker.name not in pool]
-                for n, b in overflow.items()
-            }
-            self._index_key = key
-            self._index_data = (overflow, builders_of, inhouse)
-        return self._index_data
-
-    def overflow_builders(self):
-        return self._index()[0]
-
-    def inhouse_free(self):
-        free = {}
-        for name, wfbs in self._index()[2].items():
-            n = sum(1 for wfb in wfbs if wfb.isAvailable())
-            if n:
-                free[name] = n
-        return free
-
-    def worker_views(self, now):
-        builders_of = self._index()[1]
-        empty = frozenset()
-        return [self._worker_view(w, builders_of.get(w.name, empty), now)
-                for w in self.live_workers()]
-
-
 def make_pool(pending: int, seed: int = 0, cls: type = EC2Pool) -> EC2Pool:
     """A pool in heavy backlog: half its instances running (busy, idle, booting), half stopped,
     every in-house worker busy, ``pending`` unclaimed requests spread over the builders."""
@@ -254,7 +202,7 @@ def main() -> int:
             f"{'total ms':>8}  {'p95 ms':>7}  {'new req ms':>10}  {'peak MB':>7}  "
             f"{'demand MB':>9}")
     results = {}
-    for label, cls in (("pool.py as it is", EC2Pool), ("with IndexedPool's caching", IndexedPool)):
+    for label, cls in (("pool.py", EC2Pool),):
         print(f"\n{label}:")
         print(head)
         rows = results[label] = {}
@@ -273,7 +221,7 @@ def main() -> int:
                   f"{at['total']:.1f} ms -> {'met' if ok else 'NOT met'} "
                   f"(policy.decide alone {at['decide']:.1f} ms; a new request "
                   f"{at['track']:.2f} ms)")
-    rows = results["pool.py as it is"]
+    rows = results["pool.py"]
     lo, hi = min(rows), max(rows)
     growth = rows[hi]["decide"] / rows[lo]["decide"]
     print(f"policy.decide from {lo} to {hi} pending ({hi // lo}x): {growth:.1f}x the time; "

@@ -15,6 +15,7 @@ import inspect
 import random
 from collections.abc import Iterable
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from buildbot import config
@@ -78,6 +79,7 @@ class EC2Pool(service.BuildbotService):
     """
 
     secrets = ("aws_secret_access_key",)
+    _index: _BuilderIndex | None = None
 
     def __init__(self, name: str, **kwargs: Any) -> None:
         self._config_ok = True
@@ -491,6 +493,7 @@ class EC2Pool(service.BuildbotService):
         self._stopping = False
         self.decisions = 0
         self._claiming: set[str] = set()
+        self._index: _BuilderIndex | None = None
         self._heartbeat_call = None
         #: set in a multi-master farm (at bootstrap, once configured): leases and claims in the
         #: shared database
@@ -564,14 +567,19 @@ class EC2Pool(service.BuildbotService):
         registry = self.master.workers.workers
         return [registry[n] for n in self.workernames if n in registry]
 
+    def _builder_index(self) -> _BuilderIndex:
+        """Which builders overflow here, each pool worker's builders and each builder's in-house
+        links: rebuilt only when the builders' configuration or worker links change, so that a
+        decision does not walk every builder's every worker (2,000 workers x 200 builders)."""
+        builders = self.master.botmaster.builders
+        key = tuple((n, id(b.config), len(b.workers)) for n, b in builders.items())
+        if self._index is None or self._index.key != key:
+            self._index = _BuilderIndex.build(key, builders, set(self.workernames))
+        return self._index
+
     def overflow_builders(self) -> dict[str, Any]:
         """Builders that may spill onto this pool: those listing any of its workers."""
-        pool = set(self.workernames)
-        return {
-            name: b
-            for name, b in self.master.botmaster.builders.items()
-            if b.config is not None and pool.intersection(b.config.workernames)
-        }
+        return self._builder_index().overflow
 
     @defer.inlineCallbacks
     def _builder_name(self, builderid: int):
@@ -702,24 +710,18 @@ class EC2Pool(service.BuildbotService):
 
     def inhouse_free(self) -> dict[str, int]:
         """Per overflow builder, in-house workers free to take a request right now."""
-        pool = set(self.workernames)
         free = {}
-        for name, builder in self.overflow_builders().items():
-            n = sum(
-                1 for wfb in builder.workers
-                if wfb.worker is not None and wfb.worker.name not in pool and wfb.isAvailable()
-            )
+        for name, wfbs in self._builder_index().inhouse.items():
+            n = sum(1 for wfb in wfbs if wfb.isAvailable())
             if n:
                 free[name] = n
         return free
 
     def worker_views(self, now: float) -> list[policy.WorkerView]:
-        by_worker: dict[str, set[str]] = collections.defaultdict(set)
-        for bname, b in self.overflow_builders().items():
-            for wname in b.config.workernames:
-                by_worker[wname].add(bname)
+        builders_of = self._builder_index().builders_of
+        empty: frozenset[str] = frozenset()
         return [
-            self._worker_view(w, frozenset(by_worker.get(w.name, ())), now)
+            self._worker_view(w, builders_of.get(w.name, empty), now)
             for w in self.live_workers()
         ]
 
@@ -729,15 +731,17 @@ class EC2Pool(service.BuildbotService):
             return
         now = self.master.reactor.seconds()
         self._unhealthy_azs = {az: t for az, t in self._unhealthy_azs.items() if t > now}
+        views = self.worker_views(now)
         plan = policy.decide(
             self.demand,
-            self.worker_views(now),
+            views,
             self.policy_config,
             now,
             unhealthy_azs=self._unhealthy_azs.keys(),
             inhouse_free=self.inhouse_free(),
         )
         self.decisions += 1
+        self._offer_to_idle(views, now)
         workers = {w.name: w for w in self.live_workers()}
         if self.coordinator is not None and not self.coordinator.is_leader:
             # the leading master revives for everyone, and reports what it cannot cover
@@ -773,6 +777,16 @@ class EC2Pool(service.BuildbotService):
                 )
             self._last_unmet = unmet
         self._arm_wake(plan.wake_at, now)
+
+    def _offer_to_idle(self, views: list[policy.WorkerView], now: float) -> None:
+        """Buildbot looks for work only when something happens; a request that just became
+        eligible while a pool worker sits idle is no such event: ask Buildbot to look."""
+        after = self.policy_config.overflow_after
+        # idle workers of one pool mostly share one builder set: look at each set once
+        sets = {v.builders for v in views if v.phase is policy.Phase.IDLE}
+        builders = {b for group in sets for b in group if self.demand.eligible(b, now, after)}
+        for name in sorted(builders):
+            self.master.botmaster.maybeStartBuildsForBuilder(name)
 
     def _arm_wake(self, wake_at: float | None, now: float) -> None:
         if self._wake_call is not None and self._wake_call.active():
@@ -1141,6 +1155,37 @@ class EC2Pool(service.BuildbotService):
                 "region": self.aws.region,
             },
         }
+
+
+@dataclass(frozen=True)
+class _BuilderIndex:
+    key: tuple
+    overflow: dict[str, Any]  # builder name -> Builder
+    builders_of: dict[str, frozenset[str]]  # pool worker -> its overflow builders
+    inhouse: dict[str, list[Any]]  # builder name -> its in-house WorkerForBuilders
+
+    @classmethod
+    def build(cls, key: tuple, builders: dict[str, Any], pool: set[str]) -> _BuilderIndex:
+        overflow = {
+            n: b for n, b in builders.items()
+            if b.config is not None and not pool.isdisjoint(b.config.workernames)
+        }
+        names_of: dict[str, set[str]] = collections.defaultdict(set)
+        for n, b in overflow.items():
+            for w in b.config.workernames:
+                if w in pool:
+                    names_of[w].add(n)
+        # workers serving the same builders share one frozenset
+        shared: dict[frozenset[str], frozenset[str]] = {}
+        builders_of = {}
+        for w, names in names_of.items():
+            fs = frozenset(names)
+            builders_of[w] = shared.setdefault(fs, fs)
+        inhouse = {
+            n: [wfb for wfb in b.workers if wfb.worker is not None and wfb.worker.name not in pool]
+            for n, b in overflow.items()
+        }
+        return cls(key, overflow, builders_of, inhouse)
 
 
 def _describe_failure(failure) -> str:

@@ -25,16 +25,3 @@ html_theme = "alabaster"
 html_static_path: list[str] = []
 html_theme_options = {"description": "Overflow a Buildbot farm onto stopped EC2 instances"}
 pygments_style = "sphinx"
-
-# docs/performance.rst is written separately (benchmarks). Until it exists, drop its toctree
-# entry rather than fail the -W build on a reference to a missing page.
-_PERFORMANCE = DOCS / "performance.rst"
-
-
-def _link_performance(app, docname, source):
-    if docname == "index" and not _PERFORMANCE.exists():
-        source[0] = re.sub(r"^   performance\n", "", source[0], flags=re.M)
-
-
-def setup(app):
-    app.connect("source-read", _link_performance)
