@@ -90,7 +90,7 @@ def _venv_executable(name: str) -> str:
     return found
 
 
-def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
@@ -102,7 +102,7 @@ def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
-def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
+def tail_lines(path: Path, lines: int = _TAIL_LINES) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -137,10 +137,10 @@ def _session_members(sid: int) -> list[int]:
 
 
 _registry_lock = threading.Lock()
-_registry: set[_Process] = set()
+_registry: set[ChildProcess] = set()
 
 
-class _Process:
+class ChildProcess:
     """One child process this module started, ended together with everything in its session."""
 
     def __init__(self, label: str, argv: list[str], cwd: Path, env: dict[str, str], out: Path):
@@ -353,7 +353,27 @@ c["services"] = []
 """
 
 
-class LocalMaster:
+class ProcessOwner:
+    """What every object running one child process (master, worker, database, router) reports
+    about it."""
+
+    _proc: ChildProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and not self._proc.poll()
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code of the last process (negative: killed by that signal); None if running."""
+        return self._proc.returncode if self._proc is not None else None
+
+
+class LocalMaster(ProcessOwner):
     """A real ``buildbot`` master process in ``basedir``, serving REST on 127.0.0.1:www_port."""
 
     def __init__(
@@ -370,7 +390,7 @@ class LocalMaster:
         self.pb_port = pb_port
         self.www_port = www_port
         self.env = env
-        self._proc: _Process | None = None
+        self._proc: ChildProcess | None = None
         self._created = False
 
     @classmethod
@@ -414,19 +434,6 @@ class LocalMaster:
     def output_path(self) -> Path:
         """stdout and stderr of the process: what happens before logging is set up."""
         return self.basedir / "twistd.stdout"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and not self._proc.poll()
-
-    @property
-    def returncode(self) -> int | None:
-        """Exit code of the last process (negative: killed by that signal); None if running."""
-        return self._proc.returncode if self._proc is not None else None
 
     def log_text(self) -> str:
         try:
@@ -476,7 +483,7 @@ m.log_rotation.maxRotatedFiles = {_LOG_MAX_ROTATED}
             result = subprocess.run(
                 [_venv_executable("buildbot"), "upgrade-master", str(self.basedir)],
                 cwd=self.basedir,
-                env=_child_env(self.env),
+                env=child_env(self.env),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -503,11 +510,11 @@ m.log_rotation.maxRotatedFiles = {_LOG_MAX_ROTATED}
         else:
             self.write_config()
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self._proc = _Process(
+        self._proc = ChildProcess(
             f"master {self.basedir.name}",
             [_venv_executable("twistd"), *_TWISTD_ARGS],
             self.basedir,
-            _child_env(self.env),
+            child_env(self.env),
             self.output_path,
         )
         try:
@@ -547,8 +554,8 @@ m.log_rotation.maxRotatedFiles = {_LOG_MAX_ROTATED}
     def _fail(self, why: str) -> None:
         raise MasterStartError(
             f"master in {self.basedir} {why}.\n"
-            f"--- tail of {self.log_path} ---\n{_tail(self.log_path)}\n"
-            f"--- tail of {self.output_path} ---\n{_tail(self.output_path)}"
+            f"--- tail of {self.log_path} ---\n{tail_lines(self.log_path)}\n"
+            f"--- tail of {self.output_path} ---\n{tail_lines(self.output_path)}"
         )
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -672,7 +679,7 @@ def _query_value(value: Any) -> Any:
 # Worker
 
 
-class LocalWorker:
+class LocalWorker(ProcessOwner):
     """A real ``buildbot-worker`` process in ``basedir``; the directory outlives the process."""
 
     def __init__(
@@ -698,7 +705,7 @@ class LocalWorker:
         self._host = host
         self._port = int(port)
         self._password = password
-        self._proc: _Process | None = None
+        self._proc: ChildProcess | None = None
 
     def __repr__(self) -> str:
         return f"<LocalWorker {self.name} -> {self.master} in {self.basedir}>"
@@ -710,18 +717,6 @@ class LocalWorker:
     @property
     def output_path(self) -> Path:
         return self.basedir / "twistd.stdout"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and not self._proc.poll()
-
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.returncode if self._proc is not None else None
 
     def log_text(self) -> str:
         """twistd.log, with the password masked in case anything ever logged it."""
@@ -784,11 +779,11 @@ s.setServiceParent(application)
         if self.running:
             return
         self.create()
-        self._proc = _Process(
+        self._proc = ChildProcess(
             f"worker {self.name}",
             [_venv_executable("twistd"), *_TWISTD_ARGS],
             self.basedir,
-            _child_env(self.env),
+            child_env(self.env),
             self.output_path,
         )
 

@@ -35,15 +35,16 @@ from typing import Any
 
 import requests
 
+from buildbot_ec2_hybrid.sandbox.farm import ChildProcess
 from buildbot_ec2_hybrid.sandbox.farm import FarmError
 from buildbot_ec2_hybrid.sandbox.farm import LocalMaster
 from buildbot_ec2_hybrid.sandbox.farm import LocalWorker
 from buildbot_ec2_hybrid.sandbox.farm import MasterStartError
+from buildbot_ec2_hybrid.sandbox.farm import ProcessOwner
 from buildbot_ec2_hybrid.sandbox.farm import RestClient
-from buildbot_ec2_hybrid.sandbox.farm import _child_env
-from buildbot_ec2_hybrid.sandbox.farm import _Process
-from buildbot_ec2_hybrid.sandbox.farm import _tail
+from buildbot_ec2_hybrid.sandbox.farm import child_env
 from buildbot_ec2_hybrid.sandbox.farm import free_port
+from buildbot_ec2_hybrid.sandbox.farm import tail_lines
 from buildbot_ec2_hybrid.sandbox.farm import wait_for
 from buildbot_ec2_hybrid.sandbox.lab import AWS_SECRET
 from buildbot_ec2_hybrid.sandbox.lab import INHOUSE_PASSWORD
@@ -129,7 +130,7 @@ def _port_open(port: int) -> bool:
 # PostgreSQL
 
 
-class PostgresServer:
+class PostgresServer(ProcessOwner):
     """A throwaway PostgreSQL cluster in ``datadir``, on 127.0.0.1:``port`` (default: a free one).
 
     Trust authentication for the superuser ``postgres``, durability off (fsync, synchronous
@@ -152,7 +153,7 @@ class PostgresServer:
         self._run_as: pwd.struct_passwd | None = None
         self._pgdata: Path | None = None
         self._outside: Path | None = None  # the private directory used instead of datadir
-        self._proc: _Process | None = None
+        self._proc: ChildProcess | None = None
 
     def __repr__(self) -> str:
         return f"<PostgresServer {self.host}:{self.port} in {self.datadir}>"
@@ -167,14 +168,6 @@ class PostgresServer:
         if self._pgdata is None:
             raise InfraError("PostgresServer not started")
         return self._pgdata
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and not self._proc.poll()
 
     def url(self, database: str) -> str:
         """SQLAlchemy URL of ``database``; psycopg2 named explicitly, as SQLAlchemy 2.1 would
@@ -214,11 +207,11 @@ class PostgresServer:
             "-c", "synchronous_commit=off",
             "-c", "full_page_writes=off",
         ]  # fmt: skip
-        self._proc = _Process(
+        self._proc = ChildProcess(
             f"postgres :{self.port}",
             self._as_postgres(argv),
             self.datadir,
-            _child_env(None),
+            child_env(None),
             self.log_path,
         )
         try:
@@ -348,7 +341,7 @@ class PostgresServer:
             if self._proc.poll():
                 raise InfraError(
                     f"postgres exited with code {self._proc.returncode} while starting:\n"
-                    + _tail(self.log_path)
+                    + tail_lines(self.log_path)
                 )
             # line 8 of postmaster.pid is the server's status; "ready" = accepting connections
             try:
@@ -358,7 +351,9 @@ class PostgresServer:
             if len(lines) >= 8 and lines[7].strip() == "ready" and _port_open(self.port):
                 return
             if time.monotonic() >= deadline:
-                raise InfraError(f"postgres not ready after {timeout:g}s:\n" + _tail(self.log_path))
+                raise InfraError(
+                    f"postgres not ready after {timeout:g}s:\n" + tail_lines(self.log_path)
+                )
             time.sleep(0.1)
 
 
@@ -407,7 +402,8 @@ def crossbar_config(port: int, realm: str = REALM) -> dict[str, Any]:
     }
 
 
-class CrossbarRouter:
+class CrossbarRouter(ProcessOwner):
+    # pid is the node controller's; the router runs in a child process of it
     """A crossbar WAMP router node in ``workdir``, serving ``ws://127.0.0.1:PORT/ws``.
 
     The node directory is ``workdir/.crossbar``; ``crossbar init`` is not run: it only writes a
@@ -419,7 +415,7 @@ class CrossbarRouter:
         self.workdir = Path(workdir).resolve()
         self.port = port or free_port()
         self.realm = realm
-        self._proc: _Process | None = None
+        self._proc: ChildProcess | None = None
         self._deadline = 0.0
 
     def __repr__(self) -> str:
@@ -437,15 +433,6 @@ class CrossbarRouter:
     def log_path(self) -> Path:
         return self.workdir / "crossbar.log"
 
-    @property
-    def pid(self) -> int | None:
-        """The node controller's pid; the router runs in a child process of it."""
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and not self._proc.poll()
-
     def mq_config(self) -> dict[str, str]:
         """What a master's ``c['mq']`` needs to use this router."""
         return {"type": "wamp", "router_url": self.url, "realm": self.realm}
@@ -459,7 +446,7 @@ class CrossbarRouter:
             raise InfraError("crossbar not found: run tests/multimaster_setup.sh")
         self.cbdir.mkdir(parents=True, exist_ok=True)
         (self.cbdir / "config.json").write_text(json.dumps(crossbar_config(self.port, self.realm)))
-        env = _child_env({"PYTHONUNBUFFERED": "1"})
+        env = child_env({"PYTHONUNBUFFERED": "1"})
         # none of these may point the node at another directory, config or controller
         for var in ("CROSSBAR_DIR", "CROSSBAR_CONFIG", "CROSSBAR_FABRIC_URL"):
             env.pop(var, None)
@@ -472,7 +459,7 @@ class CrossbarRouter:
             "--logformat", "standard",
             "--loglevel", "info",
         ]  # fmt: skip
-        self._proc = _Process(f"crossbar :{self.port}", argv, self.workdir, env, self.log_path)
+        self._proc = ChildProcess(f"crossbar :{self.port}", argv, self.workdir, env, self.log_path)
         self._deadline = time.monotonic() + timeout
         if wait:
             self.wait_ready()
@@ -487,7 +474,7 @@ class CrossbarRouter:
             if self._proc.poll():
                 raise InfraError(
                     f"crossbar exited with code {self._proc.returncode} while starting:\n"
-                    + _tail(self.log_path)
+                    + tail_lines(self.log_path)
                 )
             try:
                 # a plain GET on a WebSocket path is refused with a 4xx other than 404
@@ -499,7 +486,9 @@ class CrossbarRouter:
                 return
             if time.monotonic() >= self._deadline:
                 self._proc.end(hard=True)
-                raise InfraError("crossbar did not serve /ws in time:\n" + _tail(self.log_path))
+                raise InfraError(
+                    "crossbar did not serve /ws in time:\n" + tail_lines(self.log_path)
+                )
             time.sleep(0.2)
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -710,7 +699,7 @@ class MultiMasterLab(SandboxLab):
             raise MasterStartError(
                 f"master {i} ({master.basedir}) started but never joined the WAMP realm at "
                 f"{self.router.url if self.router else '?'} within {self.wamp_timeout:g}s.\n"
-                f"--- tail of {log_path} ---\n{_tail(log_path)}"
+                f"--- tail of {log_path} ---\n{tail_lines(log_path)}"
             ) from e
 
     def _set_primary(self, i: int) -> None:
