@@ -162,3 +162,26 @@ def test_connection_accepted_only_while_reviving(make_lab):
         assert not lab.rest.worker_connected(name)
     finally:
         impostor.stop()
+
+
+def test_stuck_stopping_is_reported_and_never_started_under_it(make_lab):
+    lab = make_lab(_ec2_only(size=2, boot_timeout=5, idle_timeout=3))
+    first = lab.force("b2g_build", duration=1)
+    reqs = lab.wait_requests_complete(first, timeout=90)
+    assert _results(reqs) == [SUCCESS]
+    victim = _build_workers(lab, first)[0][0]
+    iid = lab.instance_id(victim)
+    lab.region.set_stuck(iid, "stopping")  # the coming suspension will hang in stopping
+    wait_for(lambda: lab.instance_state(victim) == "stopping", 30, what="suspension started")
+    wait_for(lambda: "instance " + iid in lab.master.log_text()
+             and "while insubstantiating" in lab.master.log_text(), 30,
+             what="the stuck stop reported")
+    # the next request wants the warm-disk instance, which cannot start while it stops: served
+    # elsewhere, and nothing ever sends StartInstances at a stopping instance
+    second = lab.force("b2g_build", duration=1)
+    reqs = lab.wait_requests_complete(second, timeout=120)
+    assert _results(reqs) == [SUCCESS]
+    starts = [c for c in lab.plugin_calls("StartInstances") if iid in c.instance_ids]
+    assert len(starts) == 1, starts
+    lab.region.set_stuck(iid, None)
+    wait_for(lambda: lab.instance_state(victim) == "stopped", 60, what="the stop to complete")
