@@ -59,11 +59,15 @@ def test_synthetic_week_has_quiet_weekends_and_bursts(week):
 
 
 def _buildbot_db(path):
+    return _buildbot_db_at(f"sqlite:///{path}")
+
+
+def _buildbot_db_at(url):
     """A database with Buildbot's own schema and a little history."""
     import sqlalchemy as sa
     from buildbot.db.model import Model
 
-    engine = sa.create_engine(f"sqlite:///{path}")
+    engine = sa.create_engine(url)
     md = Model.metadata
     md.create_all(engine)
     t = md.tables
@@ -100,7 +104,7 @@ def _buildbot_db(path):
             build(5, 5, 2, 5001, None),  # still running
         ])
     engine.dispose()
-    return f"sqlite:///{path}"
+    return url
 
 
 def test_export_trace_round_trips_a_buildbot_database(tmp_path):
@@ -115,6 +119,22 @@ def test_export_trace_round_trips_a_buildbot_database(tmp_path):
     assert export_trace(url, out, builders=["win64-opt"]) == 1
     assert export_trace(url, out, since=1001, until=1010) == 1
     assert read_trace(out) == [Request(1005, "win64-opt", 900)]
+
+
+@pytest.mark.multimaster
+def test_export_trace_from_postgresql(tmp_path):
+    """The same history in PostgreSQL, Buildbot's multi-master database."""
+    from buildbot_ec2_hybrid.sandbox.multimaster import PostgresServer
+    from buildbot_ec2_hybrid.sandbox.multimaster import missing_infra
+
+    pytest.importorskip("psycopg2", reason="needs the multimaster extra (psycopg2)")
+    if "postgres" in " ".join(missing_infra()).lower():
+        pytest.skip("PostgreSQL is not installed: run tests/multimaster_setup.sh as root")
+    with PostgresServer(tmp_path / "pg") as server:
+        url = _buildbot_db_at(server.create_database("history"))
+        out = tmp_path / "trace.csv"
+        assert export_trace(url, out) == 3
+        assert read_trace(out)[2] == Request(1010, "linux64-opt", 300)
 
 
 def test_parse_time():
