@@ -362,7 +362,7 @@ class EC2Pool(service.BuildbotService):
             secret_access_key=aws_secret_access_key,
         )
         self._poll_interval = poll_interval
-        self._client = None
+        self._release_client()  # the settings may have changed: the next use makes a new one
         if self.running:
             self._attach_workers()
             self.schedule_decision()
@@ -526,7 +526,14 @@ class EC2Pool(service.BuildbotService):
             if call is not None and call.active():
                 call.cancel()
             setattr(self, attr, None)
+        self._release_client()
         yield super().stopService()
+
+    def _release_client(self) -> None:
+        client = getattr(self, "_client", None)
+        self._client = None
+        if client is not None:
+            client.close()
 
     def _bootstrap(self):
         if self._stopping:

@@ -205,7 +205,7 @@ class EC2PoolWorker(AbstractLatentWorker):
             secret_access_key=aws_secret_access_key,
         )
         self._poll_interval = poll_interval
-        self._client: ec2.EC2Client | None = None
+        self._release_client()
         if pool_managed:
             # The pool owns idle stops; Buildbot's own timer only arms after a build and would
             # fight the pool's decisions.
@@ -236,6 +236,19 @@ class EC2PoolWorker(AbstractLatentWorker):
                 batch_window=BATCH_WINDOW,
             )
         return self._client
+
+    _client: ec2.EC2Client | None = None
+
+    def _release_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        # the base class suspends a running instance first, which needs the client
+        yield super().stopService()
+        self._release_client()
 
     def _log(self, msg: str) -> None:
         prefix = f"ec2-hybrid[{self.pool_name}]" if self.pool_name else "ec2-hybrid"
