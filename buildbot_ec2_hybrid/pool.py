@@ -35,10 +35,10 @@ from buildbot_ec2_hybrid import validation
 from buildbot_ec2_hybrid.coordination import Coordinator
 from buildbot_ec2_hybrid.usage import Stay
 from buildbot_ec2_hybrid.usage import UsageLedger
-from buildbot_ec2_hybrid.worker import BATCH_WINDOW
 from buildbot_ec2_hybrid.worker import MASTER_TAG
 from buildbot_ec2_hybrid.worker import EC2PoolWorker
 from buildbot_ec2_hybrid.worker import InstanceRefused
+from buildbot_ec2_hybrid.worker import UsesEC2
 from buildbot_ec2_hybrid.worker import check_instance
 
 _NAME_CHUNK = 200  # filter values per DescribeInstances filter
@@ -72,7 +72,7 @@ def _epoch(value: Any) -> float:
     return float(value)
 
 
-class EC2Pool(service.BuildbotService):
+class EC2Pool(UsesEC2, service.BuildbotService):
     """A pool of pre-created EC2 instances that overflow builders spill onto.
 
     ``workers`` are the instances' EC2 Name tags; they become the Buildbot worker names.
@@ -456,17 +456,6 @@ class EC2Pool(service.BuildbotService):
 
     # -- runtime ------------------------------------------------------------------------------
 
-    @property
-    def client(self) -> ec2.EC2Client:
-        if self._client is None:
-            self._client = ec2.EC2Client.shared(
-                self.aws,
-                self.master.reactor,
-                poll_interval=self._poll_interval,
-                batch_window=BATCH_WINDOW,
-            )
-        return self._client
-
     def _log(self, msg: str) -> None:
         log.msg(f"ec2-hybrid[{self.name}]: {msg}")
 
@@ -529,11 +518,6 @@ class EC2Pool(service.BuildbotService):
         self._release_client()
         yield super().stopService()
 
-    def _release_client(self) -> None:
-        client = getattr(self, "_client", None)
-        self._client = None
-        if client is not None:
-            client.close()
 
     def _bootstrap(self):
         if self._stopping:

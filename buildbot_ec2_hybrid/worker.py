@@ -89,7 +89,33 @@ def check_instance(
         )
 
 
-class EC2PoolWorker(AbstractLatentWorker):
+class UsesEC2:
+    """Holds one reference to the master's shared EC2 client for its ``aws`` settings, so that
+    every pool and worker with the same settings shares one batcher and one state poller."""
+
+    aws: ec2.AWSSettings
+    master: Any
+    _poll_interval: float = 2.0
+    _client: ec2.EC2Client | None = None
+
+    @property
+    def client(self) -> ec2.EC2Client:
+        if self._client is None:
+            self._client = ec2.EC2Client.shared(
+                self.aws,
+                self.master.reactor,
+                poll_interval=self._poll_interval,
+                batch_window=BATCH_WINDOW,
+            )
+        return self._client
+
+    def _release_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+class EC2PoolWorker(UsesEC2, AbstractLatentWorker):
     """A latent worker backed by one existing EC2 instance, found by its Name tag (or id)."""
 
     # secrets in kwargs that BuildbotService renders
@@ -225,24 +251,6 @@ class EC2PoolWorker(AbstractLatentWorker):
         return res
 
     # -- AWS plumbing -------------------------------------------------------------------------
-
-    @property
-    def client(self) -> ec2.EC2Client:
-        if self._client is None:
-            self._client = ec2.EC2Client.shared(
-                self.aws,
-                self.master.reactor,
-                poll_interval=self._poll_interval,
-                batch_window=BATCH_WINDOW,
-            )
-        return self._client
-
-    _client: ec2.EC2Client | None = None
-
-    def _release_client(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -6,6 +6,8 @@ instance in its VPC" is asserted for the whole suite in one place."""
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +97,50 @@ def make_module_lab(tmp_path_factory):
     yield make
     for lab in labs:
         _finish_lab(lab)
+
+
+# -- multi-master: one PostgreSQL server and one crossbar router for the whole session ----------
+
+MULTIMASTER_SETUP = Path(__file__).with_name("multimaster_setup.sh")
+
+
+def _ensure_multimaster_installed() -> None:
+    from buildbot_ec2_hybrid.sandbox.multimaster import missing_infra
+
+    if not missing_infra():
+        return
+    try:
+        done = subprocess.run(
+            ["bash", str(MULTIMASTER_SETUP)], capture_output=True, text=True, timeout=900,
+            check=False,
+        )
+        why = (done.stderr or done.stdout).strip()[-500:] or f"exit {done.returncode}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = str(e)
+    missing = missing_infra()
+    if missing:
+        pytest.skip(
+            f"multi-master tests need {', '.join(missing)}: run `bash {MULTIMASTER_SETUP}` as "
+            f"root (it tried and said: {why})"
+        )
+
+
+@pytest.fixture(scope="session")
+def multimaster_infra(tmp_path_factory):
+    """(PostgresServer, CrossbarRouter), started once; each lab gets a fresh database. Labs
+    run one at a time, so they may share the router's realm."""
+    from buildbot_ec2_hybrid.sandbox.multimaster import CrossbarRouter
+    from buildbot_ec2_hybrid.sandbox.multimaster import PostgresServer
+
+    _ensure_multimaster_installed()
+    workdir = tmp_path_factory.mktemp("multimaster-infra")
+    router = CrossbarRouter(workdir / "crossbar")
+    postgres = PostgresServer(workdir / "postgres")
+    try:
+        router.start(wait=False)  # boots for seconds: meanwhile, PostgreSQL
+        postgres.start()
+        router.wait_ready()
+        yield postgres, router
+    finally:
+        postgres.stop()
+        router.stop()

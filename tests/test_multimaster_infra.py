@@ -8,9 +8,7 @@ cannot install them (not root, no package registry).
 
 from __future__ import annotations
 
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,15 +22,11 @@ from buildbot_ec2_hybrid.sandbox.lab import WORKER_PASSWORD
 from buildbot_ec2_hybrid.sandbox.lab import BuilderSpec
 from buildbot_ec2_hybrid.sandbox.lab import LabSpec
 from buildbot_ec2_hybrid.sandbox.multimaster import LOOPBACK
-from buildbot_ec2_hybrid.sandbox.multimaster import CrossbarRouter
 from buildbot_ec2_hybrid.sandbox.multimaster import MultiMasterLab
-from buildbot_ec2_hybrid.sandbox.multimaster import PostgresServer
-from buildbot_ec2_hybrid.sandbox.multimaster import missing_infra
 
 pytestmark = pytest.mark.multimaster
 
 SUCCESS = 0
-SETUP = Path(__file__).with_name("multimaster_setup.sh")
 
 # No pool at all: builder "on_m1" can only run on inhouse-1, attached to master 0 (shown as
 # "master 1" in messages), and "on_m2" only on inhouse-2, attached to master 1.
@@ -46,39 +40,9 @@ SPEC = LabSpec(
 )
 
 
-def _ensure_installed() -> None:
-    missing = missing_infra()
-    if not missing:
-        return
-    try:
-        done = subprocess.run(
-            ["bash", str(SETUP)], capture_output=True, text=True, timeout=900, check=False
-        )
-        why = (done.stderr or done.stdout).strip()[-500:] or f"exit {done.returncode}"
-    except (OSError, subprocess.TimeoutExpired) as e:
-        why = str(e)
-    missing = missing_infra()
-    if missing:
-        pytest.skip(
-            f"multi-master tests need {', '.join(missing)}: run `bash {SETUP}` as root "
-            f"(it tried and said: {why})"
-        )
-
-
 @pytest.fixture(scope="module")
-def infra(tmp_path_factory):
-    _ensure_installed()
-    workdir = tmp_path_factory.mktemp("mm-infra")
-    router = CrossbarRouter(workdir / "crossbar")
-    postgres = PostgresServer(workdir / "postgres")
-    try:
-        router.start(wait=False)  # boots for seconds: meanwhile, PostgreSQL
-        postgres.start()
-        router.wait_ready()
-        yield postgres, router
-    finally:
-        postgres.stop()
-        router.stop()
+def infra(multimaster_infra):
+    return multimaster_infra
 
 
 @pytest.fixture

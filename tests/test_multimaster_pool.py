@@ -8,7 +8,6 @@ import collections
 import time
 
 import pytest
-from test_multimaster_infra import _ensure_installed
 
 from buildbot_ec2_hybrid.sandbox.farm import wait_for
 from buildbot_ec2_hybrid.sandbox.lab import AWS_SECRET
@@ -17,9 +16,7 @@ from buildbot_ec2_hybrid.sandbox.lab import WORKER_PASSWORD
 from buildbot_ec2_hybrid.sandbox.lab import BuilderSpec
 from buildbot_ec2_hybrid.sandbox.lab import LabSpec
 from buildbot_ec2_hybrid.sandbox.lab import PoolSpec
-from buildbot_ec2_hybrid.sandbox.multimaster import CrossbarRouter
 from buildbot_ec2_hybrid.sandbox.multimaster import MultiMasterLab
-from buildbot_ec2_hybrid.sandbox.multimaster import PostgresServer
 
 pytestmark = pytest.mark.multimaster
 
@@ -40,19 +37,8 @@ def _spec(inhouse: int, size: int = 6, **pool) -> LabSpec:
 
 
 @pytest.fixture(scope="module")
-def infra(tmp_path_factory):
-    _ensure_installed()
-    workdir = tmp_path_factory.mktemp("mm-pool")
-    router = CrossbarRouter(workdir / "crossbar")
-    postgres = PostgresServer(workdir / "postgres")
-    try:
-        router.start(wait=False)
-        postgres.start()
-        router.wait_ready()
-        yield postgres, router
-    finally:
-        postgres.stop()
-        router.stop()
+def infra(multimaster_infra):
+    return multimaster_infra
 
 
 @pytest.fixture
