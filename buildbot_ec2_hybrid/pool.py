@@ -47,6 +47,8 @@ UNHEALTHY_AZ_SECONDS = 300.0
 #: back-off of the whole pool while EC2 throttles every call or cannot be reached
 REGION_BACKOFF_BASE = 2.0
 REGION_BACKOFF_CAP = 60.0
+#: how many recently settled request ids the pool remembers
+_SETTLED_MEMORY = 10_000
 #: throttling/unreachable retries of the periodic reconcile's describe
 RECONCILE_RETRIES = 2
 
@@ -464,6 +466,8 @@ class EC2Pool(UsesEC2, service.BuildbotService):
         self.demand = policy.Demand()
         self._requests: dict[int, tuple[str, float]] = {}
         self._builder_names: dict[int, str] = {}
+        #: recently claimed or completed requests, oldest first (see _track_request)
+        self._settled: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._instances: dict[str, ec2.InstanceInfo] = {}
         self.refused: dict[str, str] = {}
         self._booked: dict[str, str] = {}
@@ -543,6 +547,8 @@ class EC2Pool(UsesEC2, service.BuildbotService):
             )
             yield self.coordinator.setup()
             yield self._heartbeat()
+        # builder ids first, so that request events map to builders without waiting
+        yield self._learn_builder_ids()
         yield self._resync_requests()
         yield self.reconcile()
         self._arm_reconcile()
@@ -573,14 +579,16 @@ class EC2Pool(UsesEC2, service.BuildbotService):
         return self._builder_index().overflow
 
     @defer.inlineCallbacks
+    def _learn_builder_ids(self):
+        for bname, b in self.master.botmaster.builders.items():
+            bid = yield b.getBuilderId()
+            self._builder_names[bid] = bname
+
+    @defer.inlineCallbacks
     def _builder_name(self, builderid: int):
-        name = self._builder_names.get(builderid)
-        if name is None:
-            for bname, b in self.master.botmaster.builders.items():
-                bid = yield b.getBuilderId()
-                self._builder_names[bid] = bname
-            name = self._builder_names.get(builderid)
-        return name
+        if builderid not in self._builder_names:
+            yield self._learn_builder_ids()
+        return self._builder_names.get(builderid)
 
 
     @defer.inlineCallbacks
@@ -588,7 +596,13 @@ class EC2Pool(UsesEC2, service.BuildbotService):
         brid = br["buildrequestid"]
         if brid in self._requests:
             return
-        name = yield self._builder_name(br["builderid"])
+        name = self._builder_names.get(br["builderid"])
+        if name is None:
+            name = yield self._builder_name(br["builderid"])
+            if brid in self._settled:
+                # claimed (or completed) while we looked its builder up: events of different
+                # requests, and with several masters of different masters, arrive interleaved
+                return
         if name is None or name not in self.overflow_builders():
             return
         submitted = _epoch(br["submitted_at"])
@@ -631,8 +645,12 @@ class EC2Pool(UsesEC2, service.BuildbotService):
             return
         if event in ("new", "unclaimed"):
             if not msg.get("claimed") and not msg.get("complete"):
+                self._settled.pop(brid, None)
                 yield self._track_request(msg)
         elif event in ("claimed", "complete", "canceled", "cancelled"):
+            self._settled[brid] = None
+            while len(self._settled) > _SETTLED_MEMORY:
+                self._settled.popitem(last=False)
             self._untrack_request(brid)
         self.schedule_decision()
 
