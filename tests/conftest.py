@@ -144,3 +144,48 @@ def multimaster_infra(tmp_path_factory):
     finally:
         postgres.stop()
         router.stop()
+
+
+@pytest.fixture
+def make_multimaster_lab(multimaster_infra, tmp_path):
+    """Multi-master labs on the session's database server and router, checked on the way out
+    like single-master labs: no forbidden call, no secret in a log, nothing left running."""
+    postgres, router = multimaster_infra
+    from buildbot_ec2_hybrid.sandbox.farm import wait_for
+    from buildbot_ec2_hybrid.sandbox.lab import AWS_SECRET
+    from buildbot_ec2_hybrid.sandbox.lab import INHOUSE_PASSWORD
+    from buildbot_ec2_hybrid.sandbox.lab import WORKER_PASSWORD
+    from buildbot_ec2_hybrid.sandbox.multimaster import MultiMasterLab
+
+    labs: list[MultiMasterLab] = []
+
+    def make(spec, **kwargs) -> MultiMasterLab:
+        lab = MultiMasterLab(
+            tmp_path / f"lab{len(labs)}", spec, postgres=postgres, router=router, **kwargs
+        )
+        labs.append(lab)
+        return lab.start()
+
+    yield make
+    for lab in labs:
+        problems = lab.forbidden_calls() if lab.region is not None else []
+        leaked: list[str] = []
+        try:
+            for i, m in enumerate(lab.masters):
+                if m.running:
+                    lab.stop_master(i)
+            if lab.region is not None:
+                try:
+                    wait_for(
+                        lambda lab=lab: not lab.running_instances(), 30, what="instances stopped"
+                    )
+                except TimeoutError:
+                    leaked = lab.running_instances()
+        finally:
+            lab.stop()
+        for m in lab.masters:
+            text = m.log_text()
+            for secret in (WORKER_PASSWORD, INHOUSE_PASSWORD, AWS_SECRET):
+                assert secret not in text, f"a secret in {m.log_path}"
+        assert not problems, f"forbidden EC2 calls: {problems}"
+        assert not leaked, f"instances left running after every master stopped: {leaked}"

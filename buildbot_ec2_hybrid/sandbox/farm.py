@@ -373,7 +373,22 @@ class ProcessOwner:
         return self._proc.returncode if self._proc is not None else None
 
 
-class LocalMaster(ProcessOwner):
+class TwistdProcess(ProcessOwner):
+    """A twistd process (master or worker) running in ``basedir``."""
+
+    basedir: Path
+
+    @property
+    def log_path(self) -> Path:
+        return self.basedir / "twistd.log"
+
+    @property
+    def output_path(self) -> Path:
+        """stdout and stderr of the process: what happens before logging is set up."""
+        return self.basedir / "twistd.stdout"
+
+
+class LocalMaster(TwistdProcess):
     """A real ``buildbot`` master process in ``basedir``, serving REST on 127.0.0.1:www_port."""
 
     def __init__(
@@ -426,14 +441,6 @@ class LocalMaster(ProcessOwner):
     def rest(self) -> RestClient:
         return RestClient(self.url)
 
-    @property
-    def log_path(self) -> Path:
-        return self.basedir / "twistd.log"
-
-    @property
-    def output_path(self) -> Path:
-        """stdout and stderr of the process: what happens before logging is set up."""
-        return self.basedir / "twistd.stdout"
 
     def log_text(self) -> str:
         try:
@@ -679,7 +686,7 @@ def _query_value(value: Any) -> Any:
 # Worker
 
 
-class LocalWorker(ProcessOwner):
+class LocalWorker(TwistdProcess):
     """A real ``buildbot-worker`` process in ``basedir``; the directory outlives the process."""
 
     def __init__(
@@ -710,13 +717,6 @@ class LocalWorker(ProcessOwner):
     def __repr__(self) -> str:
         return f"<LocalWorker {self.name} -> {self.master} in {self.basedir}>"
 
-    @property
-    def log_path(self) -> Path:
-        return self.basedir / "twistd.log"
-
-    @property
-    def output_path(self) -> Path:
-        return self.basedir / "twistd.stdout"
 
     def log_text(self) -> str:
         """twistd.log, with the password masked in case anything ever logged it."""

@@ -265,11 +265,16 @@ class SandboxLab:
             ],
         }
 
-    def write_master_settings(self) -> None:
-        assert self.master is not None
-        basedir = self.master.basedir
+    def write_master_settings(
+        self, basedir: Path | None = None, settings: dict[str, Any] | None = None
+    ) -> None:
+        """sandbox.json and the secrets directory next to a master's master.cfg."""
+        if basedir is None:
+            assert self.master is not None
+            basedir = self.master.basedir
         basedir.mkdir(parents=True, exist_ok=True)
-        (basedir / "sandbox.json").write_text(json.dumps(self.settings(), indent=2))
+        settings = self.settings() if settings is None else settings
+        (basedir / "sandbox.json").write_text(json.dumps(settings, indent=2))
         secrets = basedir / "secrets"
         if secrets.exists():
             shutil.rmtree(secrets)

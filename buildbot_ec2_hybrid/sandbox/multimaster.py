@@ -46,10 +46,8 @@ from buildbot_ec2_hybrid.sandbox.farm import child_env
 from buildbot_ec2_hybrid.sandbox.farm import free_port
 from buildbot_ec2_hybrid.sandbox.farm import tail_lines
 from buildbot_ec2_hybrid.sandbox.farm import wait_for
-from buildbot_ec2_hybrid.sandbox.lab import AWS_SECRET
 from buildbot_ec2_hybrid.sandbox.lab import INHOUSE_PASSWORD
 from buildbot_ec2_hybrid.sandbox.lab import SANDBOX_CFG
-from buildbot_ec2_hybrid.sandbox.lab import WORKER_PASSWORD
 from buildbot_ec2_hybrid.sandbox.lab import LabSpec
 from buildbot_ec2_hybrid.sandbox.lab import SandboxLab
 
@@ -772,24 +770,12 @@ class MultiMasterLab(SandboxLab):
             "mq": self.router.mq_config(),
         }
 
-    def write_master_settings(self) -> None:
+    def write_master_settings(self, basedir=None, settings=None) -> None:
+        if basedir is not None:
+            super().write_master_settings(basedir, settings)
+            return
         for i in range(len(self.masters)):
             self._write_master_files(i)
 
     def _write_master_files(self, i: int) -> None:
-        # as SandboxLab.write_master_settings(), for any master's basedir
-        basedir = self.masters[i].basedir
-        basedir.mkdir(parents=True, exist_ok=True)
-        (basedir / "sandbox.json").write_text(json.dumps(self.settings(i), indent=2))
-        secrets = basedir / "secrets"
-        if secrets.exists():
-            shutil.rmtree(secrets)
-        secrets.mkdir(mode=0o700)
-        for key, value in (
-            ("ec2-worker-password", WORKER_PASSWORD),
-            ("inhouse-password", INHOUSE_PASSWORD),
-            ("aws-secret-key", AWS_SECRET),
-        ):
-            path = secrets / key
-            path.write_text(value)
-            path.chmod(0o600)
+        super().write_master_settings(self.masters[i].basedir, self.settings(i))
